@@ -1,0 +1,1 @@
+"""Import Hugging Face / GGUF checkpoints into grc-jax params."""

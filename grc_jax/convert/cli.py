@@ -1,0 +1,1 @@
+"""`grc import-hf` (filled in by the HF import work)."""

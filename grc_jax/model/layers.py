@@ -1,0 +1,153 @@
+"""Transformer building blocks: RMSNorm, grouped-query attention, SwiGLU MLP, decoder layer."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from grc_jax.config import ModelConfig
+from grc_jax.model.rope import apply_rope
+from grc_jax.sharding import constrain
+
+# Large finite negative: a fully masked row (padding) gives a finite uniform softmax, never NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _init(std: float, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as HF does), scale initialised to one."""
+
+    eps: float
+    logical_axis: str = "norm"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.logical_axis,)),
+            (x.shape[-1],),
+            jnp.float32,
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale * normed).astype(self.dtype)
+
+
+def dot_product_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s g d"],
+    v: Float[Array, "b s g d"],
+    mask: Bool[Array, "b t s"],
+) -> Float[Array, "b t h d"]:
+    """Masked softmax attention with grouped KV heads (`h = g * q_per_kv`); softmax in float32."""
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    q = q.reshape(b, t, g, h // g, d)
+    scores = jnp.einsum("btgqd,bsgd->bgqts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgqts,bsgd->btgqd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        cfg = self.cfg
+        dtype = compute_dtype(cfg)
+
+        def proj(name, heads, head_axis):
+            return nn.DenseGeneral(
+                features=(heads, cfg.head_dim),
+                use_bias=cfg.qkv_bias,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                kernel_init=_init(cfg.init_std, ("embed", head_axis, "head_dim")),
+                bias_init=nn.with_logical_partitioning(
+                    nn.initializers.zeros, (head_axis, "head_dim")
+                ),
+                name=name,
+            )(x)
+
+        q = proj("q", cfg.n_heads, "heads")
+        k = proj("k", cfg.n_kv_heads, "kv_heads")
+        v = proj("v", cfg.n_kv_heads, "kv_heads")
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, "head_dim", dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, "head_dim", dtype, name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+        out = dot_product_attention(q, k, v, mask)
+        out = nn.DenseGeneral(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")),
+            name="o",
+        )(out)
+        return out, (k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dtype = compute_dtype(cfg)
+
+        def dense(name, features, names):
+            return nn.Dense(
+                features,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                kernel_init=_init(cfg.init_std, names),
+                name=name,
+            )
+
+        gate = dense("gate", cfg.d_ff, ("embed", "mlp"))(x)
+        up = dense("up", cfg.d_ff, ("embed", "mlp"))(x)
+        h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense("down", cfg.d_model, ("mlp", "embed"))(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer. Returns the new residual stream and this layer's (k, v) or None."""
+
+    cfg: ModelConfig
+    return_kv: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        cfg = self.cfg
+        dtype = compute_dtype(cfg)
+        h, kv = Attention(cfg, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, dtype=dtype, name="attn_norm")(x), mask, cos, sin
+        )
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, dtype=dtype, name="mlp_norm")(x))
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, (kv if self.return_kv else None)

@@ -1,0 +1,55 @@
+"""Rotary position embeddings (HF "rotate half" layout) with optional Llama-3 frequency scaling."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from grc_jax.config import ModelConfig, RopeScalingConfig
+
+
+def _llama3_scale(inv_freq: np.ndarray, s: RopeScalingConfig) -> np.ndarray:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """`[head_dim // 2]` float32 inverse frequencies, as HF computes them (in float32)."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    if cfg.rope_scaling is not None:
+        inv_freq = _llama3_scale(inv_freq, cfg.rope_scaling)
+    return inv_freq
+
+
+def rope_angles(
+    positions: Int[Array, "*b t"], inv_freq: np.ndarray
+) -> tuple[Float[Array, "*b t d"], Float[Array, "*b t d"]]:
+    """cos and sin tables `[..., t, head_dim]` for explicit (possibly negative) positions."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(
+    x: Float[Array, "b t h d"], cos: Float[Array, "b t d"], sin: Float[Array, "b t d"]
+) -> Float[Array, "b t h d"]:
+    """Rotate `x` (heads on axis 2) by the angles of its positions; computed in float32."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(dtype)

@@ -1,0 +1,1 @@
+"""Pallas kernels for grc-jax (hybrid paged attention lands in a later issue)."""
