@@ -9,6 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# jaxtyping shape annotations on grc_jax / pallas_kernels are checked by beartype in every test.
+from jaxtyping import install_import_hook  # noqa: E402
+
+install_import_hook(["grc_jax", "pallas_kernels"], "beartype.beartype")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
