@@ -122,6 +122,7 @@ def logical_to_spec(
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `Mesh` over ("data", "fsdp", "tensor"); a -1 entry takes the remaining devices."""
+    cfg.validate("mesh")
     devices = list(jax.devices() if devices is None else devices)
     shape = list(cfg.shape)
     known = math.prod(s for s in shape if s != -1)
@@ -149,9 +150,12 @@ _ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("grc_
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh) -> Iterator[Mesh]:
     """Within this context, `constrain` pins activations to `mesh` by the rule table."""
+    # `jax.set_mesh` also makes the mesh part of jit's trace context: a function traced outside
+    # this context is retraced inside it instead of silently reusing the unconstrained trace.
     token = _ACTIVE_MESH.set(mesh)
     try:
-        yield mesh
+        with jax.set_mesh(mesh):
+            yield mesh
     finally:
         _ACTIVE_MESH.reset(token)
 
