@@ -1,0 +1,250 @@
+"""Examples (lists of blocks of role-tagged spans) -> packed fixed-length rows (DESIGN.md 1-3).
+
+An example is a sequence of blocks; a block is a sequence of spans; a span is a run of token ids
+sharing one role. `layout_example` turns one example into flat per-token arrays (tokens, block ids,
+roles, RoPE positions); `RowPacker` / `pack_examples` pack laid-out examples greedily into rows of a
+fixed length and add `segment_ids`. At LATENT slots `tokens` holds the latent index k in [0, K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from grc_jax.model.mask import MEMORY_MODES
+from grc_jax.roles import GEN, LATENT, PAD, TEXT, Role
+
+ROW_KEYS = ("tokens", "segment_ids", "block_ids", "roles", "positions")
+_EXAMPLE_KEYS = ("tokens", "block_ids", "roles", "positions")
+
+
+class LayoutError(ValueError):
+    """An example cannot be laid out: the message names the example, block and span at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """A run of tokens sharing one role. For LATENT spans the tokens are latent indices 0..K-1."""
+
+    role: Role
+    tokens: tuple[int, ...]
+
+    def __post_init__(self):
+        # Without the test-time type checker a list or numpy array may come in: store a hashable
+        # tuple of plain ints all the same.
+        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+
+
+Block = Sequence[Span]
+Example = Sequence[Block]
+
+
+def text(ids: Iterable[int | np.integer]) -> Span:
+    """A context span (no loss)."""
+    return Span(TEXT, tuple(int(t) for t in ids))
+
+
+def gen(ids: Iterable[int | np.integer]) -> Span:
+    """A generation-target span (next-token loss)."""
+    return Span(GEN, tuple(int(t) for t in ids))
+
+
+def latents(k: int) -> Span:
+    """The K latent slots that end a compression block (tokens are the latent indices 0..k-1)."""
+    return Span(LATENT, tuple(range(int(k))))
+
+
+def _check_mode(memory_mode: str) -> None:
+    if memory_mode not in MEMORY_MODES:
+        raise LayoutError(f"memory_mode: expected one of {MEMORY_MODES}, got {memory_mode!r}")
+
+
+def _check_num_latents(num_latents: int) -> None:
+    if isinstance(num_latents, bool) or not isinstance(num_latents, (int, np.integer)):
+        raise LayoutError(f"num_latents: expected a positive integer, got {num_latents!r}")
+    if num_latents <= 0:
+        raise LayoutError(f"num_latents: expected a positive integer, got {num_latents!r}")
+
+
+def _where(example_index: int | None, block: int | None = None, span: int | None = None) -> str:
+    parts = ["example" if example_index is None else f"example {example_index}"]
+    if block is not None:
+        parts.append(f"block {block}")
+    if span is not None:
+        parts.append(f"span {span}")
+    return ", ".join(parts)
+
+
+def _check_block(block: Block, num_latents: int, example_index: int | None, b: int) -> bool:
+    """Validate one block; return whether it is a compression block."""
+    if len(block) == 0:
+        raise LayoutError(
+            f"{_where(example_index, b)}: empty block (a block needs at least one span)"
+        )
+    latent_spans = []
+    for s, span in enumerate(block):
+        where = _where(example_index, b, s)
+        if not isinstance(span, Span):
+            raise LayoutError(f"{where}: expected a Span, got {type(span).__name__}")
+        try:
+            role = Role(span.role)
+        except ValueError:
+            raise LayoutError(
+                f"{where}: unknown role {span.role!r}; expected TEXT, GEN or LATENT"
+            ) from None
+        if role == PAD:
+            raise LayoutError(f"{where}: role PAD is reserved for packing padding, not for input")
+        if len(span.tokens) == 0:
+            raise LayoutError(f"{where}: empty span ({role.name} with no tokens)")
+        negative = [t for t in span.tokens if t < 0]
+        if negative:
+            raise LayoutError(f"{where}: negative token id {negative[0]} in a {role.name} span")
+        if role == LATENT:
+            latent_spans.append(s)
+    if not latent_spans:
+        return False
+    if len(latent_spans) > 1:
+        raise LayoutError(
+            f"{_where(example_index, b)}: {len(latent_spans)} LATENT spans (spans {latent_spans}); "
+            f"a compression block ends with exactly one span of num_latents={num_latents} latents"
+        )
+    s = latent_spans[0]
+    where = _where(example_index, b, s)
+    if s != len(block) - 1:
+        raise LayoutError(
+            f"{where}: LATENT span is followed by a {Role(block[s + 1].role).name} span; "
+            "latents must be at the end of their block"
+        )
+    n = len(block[s].tokens)
+    if n != num_latents:
+        raise LayoutError(f"{where}: block has {n} latents, expected num_latents={num_latents}")
+    if block[s].tokens != tuple(range(num_latents)):
+        raise LayoutError(
+            f"{where}: latent tokens must be the latent indices 0..{num_latents - 1} in order, "
+            f"got {list(block[s].tokens)}"
+        )
+    return True
+
+
+def layout_example(
+    example: Example,
+    num_latents: int,
+    memory_mode: str,
+    *,
+    example_index: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Lay out one example as 1-D int32 arrays `tokens`, `block_ids`, `roles`, `positions`.
+
+    Positions (DESIGN.md 3): in `independent` mode compression block m (counting only compression
+    blocks) puts its K latents at [m*K, (m+1)*K) and its n_m other tokens at m*K - n_m .. m*K - 1
+    (negative positions are intended: RoPE sees only differences); a consumer block starts at M*K,
+    M = compression blocks before it. In `recurrent` mode positions run 0, 1, 2, ... through the
+    example. `example_index` only labels error messages.
+    """
+    _check_mode(memory_mode)
+    _check_num_latents(num_latents)
+    if len(example) == 0:
+        raise LayoutError(f"{_where(example_index)}: empty example (it needs at least one block)")
+    k = int(num_latents)
+    tokens, block_ids, roles, positions = [], [], [], []
+    n_compression = 0
+    for b, block in enumerate(example):
+        is_compression = _check_block(block, k, example_index, b)
+        block_tokens = [t for span in block for t in span.tokens]
+        block_roles = [int(span.role) for span in block for _ in span.tokens]
+        length = len(block_tokens)
+        if memory_mode == "recurrent":
+            start = len(tokens)
+        elif is_compression:
+            start = n_compression * k - (length - k)
+        else:
+            start = n_compression * k
+        tokens += block_tokens
+        roles += block_roles
+        block_ids += [b] * length
+        positions += range(start, start + length)
+        n_compression += is_compression
+    arrays = (tokens, block_ids, roles, positions)
+    return {
+        key: np.asarray(a, dtype=np.int32) for key, a in zip(_EXAMPLE_KEYS, arrays, strict=True)
+    }
+
+
+def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
+    # Padding: token 0, segment 0, block 0, role PAD (= 0), position 0.
+    assert int(PAD) == 0
+    return {key: np.zeros(seq_len, np.int32) for key in ROW_KEYS}
+
+
+class RowPacker:
+    """Streaming greedy packer: examples go into the current row while they fit, else a new row.
+
+    Examples are never split. `add` returns the rows it finished (zero or one); `flush` returns the
+    partly filled last row, if any. Each row is a dict of 1-D int32 arrays of length `seq_len`
+    with keys `ROW_KEYS`; `segment_ids` count 1, 2, 3, ... per example within a row, 0 = padding.
+    """
+
+    def __init__(self, seq_len: int, num_latents: int, memory_mode: str):
+        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len <= 0:
+            raise LayoutError(f"seq_len: expected a positive integer, got {seq_len!r}")
+        _check_mode(memory_mode)
+        _check_num_latents(num_latents)
+        self.seq_len = int(seq_len)
+        self.num_latents = int(num_latents)
+        self.memory_mode = memory_mode
+        self._row: dict[str, np.ndarray] | None = None
+        self._fill = 0  # tokens used in the current row
+        self._segments = 0  # examples in the current row
+        self._examples_seen = 0  # labels error messages
+
+    def add(self, example: Example) -> list[dict[str, np.ndarray]]:
+        """Lay out and place one example; return the rows this finished (zero or one)."""
+        index = self._examples_seen
+        self._examples_seen += 1
+        laid = layout_example(example, self.num_latents, self.memory_mode, example_index=index)
+        n = len(laid["tokens"])
+        if n > self.seq_len:
+            raise LayoutError(
+                f"{_where(index)}: {n} tokens do not fit in a row of seq_len={self.seq_len} "
+                "(examples are never split across rows)"
+            )
+        finished = []
+        if self._row is not None and self._fill + n > self.seq_len:
+            finished = self.flush()
+        if self._row is None:
+            self._row = _empty_row(self.seq_len)
+        sl = slice(self._fill, self._fill + n)
+        for key in _EXAMPLE_KEYS:
+            self._row[key][sl] = laid[key]
+        self._segments += 1
+        self._row["segment_ids"][sl] = self._segments
+        self._fill += n
+        return finished
+
+    def flush(self) -> list[dict[str, np.ndarray]]:
+        """Finish the current row (padded to seq_len); return it, or nothing if it is empty."""
+        if self._row is None:
+            return []
+        row, self._row, self._fill, self._segments = self._row, None, 0, 0
+        return [row]
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+    """Rows from `RowPacker` -> dict of int32 `[n_rows, seq_len]` arrays."""
+    if not rows:
+        return {key: np.zeros((0, seq_len), np.int32) for key in ROW_KEYS}
+    return {key: np.stack([row[key] for row in rows]) for key in ROW_KEYS}
+
+
+def pack_examples(
+    examples: Iterable[Example], seq_len: int, num_latents: int, memory_mode: str
+) -> dict[str, np.ndarray]:
+    """Pack examples greedily in order into int32 `[n_rows, seq_len]` arrays (keys `ROW_KEYS`)."""
+    packer = RowPacker(seq_len, num_latents, memory_mode)
+    rows = []
+    for example in examples:
+        rows += packer.add(example)
+    rows += packer.flush()
+    return stack_rows(rows, seq_len)
