@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: setup train test test-fast lint golden clean
+.PHONY: setup data train test test-fast lint golden clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-train: $(STAMP)
-	$(VENV)/bin/grc train --config $(CONFIG)
+DATA := data/synth/train.jsonl
+
+$(DATA): | $(STAMP)
+	$(VENV)/bin/grc data synth --out data/synth --seed 0
+
+data: $(DATA)
+
+train: $(STAMP) $(DATA)
+	$(VENV)/bin/grc train --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -21,29 +21,11 @@ def add_command(
     _COMMANDS[name] = (help, add_arguments, run)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="a.b=value config overrides")
-
-
-def _train(args: argparse.Namespace) -> int:
-    from grc_jax.config import load_config
-
-    load_config(args.config, args.overrides)  # fail early on a bad config even before training exists
-    print(
-        "grc train: not implemented yet - GRC training lands with issue #3 "
-        f"(config {args.config} loaded and validated).",
-        file=sys.stderr,
-    )
-    return 3
-
-
-add_command("train", "train a GRC model from a YAML config", _train_args, _train)
-
-
 def _load_subcommands() -> None:
     # Imported for their `_COMMANDS` registrations; kept lazy so `grc --help` stays fast.
     from grc_jax.convert import cli as _convert_cli  # noqa: F401
+    from grc_jax.data import cli as _data_cli  # noqa: F401
+    from grc_jax.train import cli as _train_cli  # noqa: F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,4 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m grc_jax.cli`: run the imported module's `main`, whose registry the subcommand
+    # modules fill (this file as `__main__` is a second copy with an empty one).
+    from grc_jax import cli as _cli
+
+    sys.exit(_cli.main())

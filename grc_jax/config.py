@@ -73,11 +73,21 @@ class ModelConfig:
     init_std: float = 0.02
     # Parameters are always float32; `dtype` is the compute dtype of matmuls and activations.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = (
+        "none"
+    )
     scan_layers: bool = False
 
     def validate(self, key: str) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "d_ff",
+        ):
             value = getattr(self, name)
             _check(value > 0, f"{key}.{name}", "a positive integer", value)
         _check(
@@ -86,7 +96,9 @@ class ModelConfig:
             f"a divisor of n_heads={self.n_heads} (grouped-query attention)",
             self.n_kv_heads,
         )
-        _check(self.head_dim % 2 == 0, f"{key}.head_dim", "an even number (RoPE pairs)", self.head_dim)
+        _check(
+            self.head_dim % 2 == 0, f"{key}.head_dim", "an even number (RoPE pairs)", self.head_dim
+        )
         _check(self.rms_norm_eps > 0, f"{key}.rms_norm_eps", "a positive number", self.rms_norm_eps)
         _check(self.rope_theta > 0, f"{key}.rope_theta", "a positive number", self.rope_theta)
         if self.rope_scaling is not None:
@@ -173,10 +185,19 @@ class DataConfig:
     batch_size: int = 8  # global batch, in packed rows
     skip_bad_lines: bool = False
     shuffle_seed: int = 0
+    # Fraction of training queries laid out without their reasoning/answer, so that embedding a
+    # bare query (no self-reasoning) is also a trained case.
+    reasoning_dropout: float = 0.25
 
     def validate(self, key: str) -> None:
         _check(self.seq_len > 0, f"{key}.seq_len", "a positive integer", self.seq_len)
         _check(self.batch_size > 0, f"{key}.batch_size", "a positive integer", self.batch_size)
+        _check(
+            0.0 <= self.reasoning_dropout <= 1.0,
+            f"{key}.reasoning_dropout",
+            "a number in [0, 1]",
+            self.reasoning_dropout,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +216,10 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    eval_queries: int = 200  # held-out queries per evaluation (its corpus: their documents)
+    # auto: resume from the newest checkpoint of the run if there is one; required: fail without
+    # one; never: fail if the run already has checkpoints.
+    resume: Literal["auto", "required", "never"] = "auto"
     init_from: str = ""  # a `grc import-hf` output directory, to GRC-tune a pretrained model
     freeze_base: bool = False
     lora_rank: int = 0
@@ -203,9 +228,18 @@ class TrainConfig:
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
             _check(value > 0, f"{key}.{name}", "a positive integer", value)
-        _check(self.learning_rate > 0, f"{key}.learning_rate", "a positive number", self.learning_rate)
-        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "a non-negative integer", self.warmup_steps)
-        _check(self.microbatches > 0, f"{key}.microbatches", "a positive integer", self.microbatches)
+        _check(
+            self.learning_rate > 0, f"{key}.learning_rate", "a positive number", self.learning_rate
+        )
+        _check(
+            self.warmup_steps >= 0,
+            f"{key}.warmup_steps",
+            "a non-negative integer",
+            self.warmup_steps,
+        )
+        _check(
+            self.microbatches > 0, f"{key}.microbatches", "a positive integer", self.microbatches
+        )
         _check(self.lora_rank >= 0, f"{key}.lora_rank", "a non-negative integer", self.lora_rank)
 
 
@@ -315,7 +349,9 @@ def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
             child = {}
         if not isinstance(child, dict):
             dotted = ".".join(path[: i + 1])
-            raise ConfigError(f"config key '{dotted}' is not a section; cannot set '{'.'.join(path)}'")
+            raise ConfigError(
+                f"config key '{dotted}' is not a section; cannot set '{'.'.join(path)}'"
+            )
         node[part] = child
         node = child
     node[path[-1]] = value

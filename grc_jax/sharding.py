@@ -53,7 +53,9 @@ class ShardingRuleError(ValueError):
     """The logical-axis rules are inconsistent, or a spec would reuse a mesh axis."""
 
 
-def rules_dict(rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> dict[str, tuple[str, ...]]:
+def rules_dict(
+    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
+) -> dict[str, tuple[str, ...]]:
     """Validate a rule table and return it as name -> tuple of mesh axes.
 
     Raises on a logical name listed twice (conflicting rules), an unknown mesh axis, or a rule that
@@ -93,7 +95,8 @@ def logical_to_spec(
     """
     if shape is not None and len(shape) != len(logical_axes):
         raise ShardingRuleError(
-            f"logical axes {tuple(logical_axes)} do not match the array rank of shape {tuple(shape)}"
+            f"logical axes {tuple(logical_axes)} do not match the array rank "
+            f"of shape {tuple(shape)}"
         )
     used: dict[str, str] = {}
     parts: list[Any] = []

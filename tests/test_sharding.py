@@ -6,11 +6,11 @@ rewritten only by `make golden` (scripts/update_golden.py); a spec change fails 
 
 from __future__ import annotations
 
-import re
 import copy
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import jax

@@ -93,8 +93,12 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
-        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
-        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+        k = constrain(
+            k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim")
+        )
+        v = constrain(
+            v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim")
+        )
         out = dot_product_attention(q, k, v, mask)
         out = nn.DenseGeneral(
             features=cfg.d_model,
@@ -130,7 +134,9 @@ class MLP(nn.Module):
 
         gate = dense("gate", cfg.d_ff, ("embed", "mlp"))(x)
         up = dense("up", cfg.d_ff, ("embed", "mlp"))(x)
-        h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        h = constrain(
+            nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
+        )
         return dense("down", cfg.d_model, ("mlp", "embed"))(h)
 
 

@@ -8,7 +8,6 @@ row k of the latent table instead of a vocabulary embedding (DESIGN.md section 1
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -72,7 +71,10 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         embedding = self.param(
-            "embed", _init(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.float32
+            "embed",
+            _init(cfg.init_std, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model),
+            jnp.float32,
         )
         latents = self.param(
             "latents",
@@ -82,7 +84,9 @@ class Transformer(nn.Module):
         )
         is_latent = roles == LATENT
         tok_emb = jnp.take(embedding, jnp.where(is_latent, 0, tokens), axis=0)
-        lat_emb = jnp.take(latents, jnp.clip(jnp.where(is_latent, tokens, 0), 0, self.num_latents - 1), axis=0)
+        lat_emb = jnp.take(
+            latents, jnp.clip(jnp.where(is_latent, tokens, 0), 0, self.num_latents - 1), axis=0
+        )
         x = jnp.where(is_latent[..., None], lat_emb, tok_emb).astype(dtype)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -119,7 +123,10 @@ class Transformer(nn.Module):
                 kernel_init=_init(cfg.init_std, ("embed", "vocab")),
                 name="lm_head",
             )(hidden)
-        logits = constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+        logits = constrain(
+            logits.astype(jnp.float32),
+            ("activation_batch", "activation_length", "activation_vocab"),
+        )
         return ModelOutput(logits=logits, hidden=hidden, kv=kv)
 
 
@@ -153,7 +160,7 @@ def forward(
     batch: dict[str, Array],
     return_kv: bool = False,
 ) -> ModelOutput:
-    """One forward pass over a packed batch with keys tokens/segment_ids/block_ids/roles/positions."""
+    """One forward pass over a packed batch (tokens, segment_ids, block_ids, roles, positions)."""
     model = build_model(cfg, grc)
     return model.apply(
         {"params": params},
@@ -181,5 +188,3 @@ def unstack_layers(params: Any, n_layers: int) -> Any:
     for i in range(n_layers):
         params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return params
-
-

@@ -37,7 +37,11 @@ def _batch(seed: int = 0) -> dict[str, jax.Array]:
     positions[0, 12:] = np.arange(4, 8)
     positions[1, 9:] = np.arange(7)
     arrays = dict(
-        tokens=tokens, segment_ids=segment_ids, block_ids=block_ids, roles=roles, positions=positions
+        tokens=tokens,
+        segment_ids=segment_ids,
+        block_ids=block_ids,
+        roles=roles,
+        positions=positions,
     )
     return {k: jnp.asarray(v, jnp.int32) for k, v in arrays.items()}
 

@@ -1,0 +1,296 @@
+"""The GRC training pipeline on grain: records -> token groups -> packed, checkpointable batches.
+
+One record (a query, its positive and hard negatives) becomes a **group** of examples laid out as
+in DESIGN.md section 4:
+
+    query:    block 0 [TEXT bos+query] [GEN reasoning + "answer : ..." + eos] [LATENT x K]
+              block 1 [TEXT bos] [GEN query + eos]                  (reconstruct from the memory)
+    document: block 0 [TEXT bos+doc] [LATENT x K]
+              block 1 [TEXT bos] [GEN compress_target or doc + eos]
+
+A consumer block opens with a TEXT `bos` so that its first target is predicted from inside the
+block (a latent memory holds K/V, not the hidden state of the previous block's last latent).
+Groups are packed whole into the rows of one batch, so every query meets its positive and hard
+negatives in the same batch. Packing is deterministic and its iterator state is small, so the
+data position is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any
+
+import grain
+import numpy as np
+
+from grc_jax.config import Config
+from grc_jax.data.layout import ROW_KEYS, Example, gen, latents, layout_example, text
+from grc_jax.data.schema import BadLineError, GRCRecord, parse_record
+from grc_jax.data.tokenizer import Tokenizer
+from grc_jax.roles import GEN, LATENT
+
+QUERY, DOC = 1, 2
+
+
+def doc_hash(text_: str) -> int:
+    return zlib.crc32(text_.encode()) & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class Group:
+    """Laid-out examples of one record plus their slot metadata (kind, is-positive, doc hash)."""
+
+    examples: list[dict[str, np.ndarray]]
+    kinds: list[int]
+    positive: list[int]
+    docs: list[int]
+
+
+def query_example(tok: Tokenizer, record: GRCRecord, k: int, with_reasoning: bool) -> Example:
+    block0 = [text([tok.bos_id, *tok.encode(record.query)])]
+    if with_reasoning and (record.reasoning or record.answer):
+        parts = [record.reasoning] if record.reasoning else []
+        if record.answer:
+            parts.append(f"answer : {record.answer}")
+        block0.append(gen([*tok.encode(" ".join(parts)), tok.eos_id]))
+    block0.append(latents(k))
+    block1 = [text([tok.bos_id]), gen([*tok.encode(record.query), tok.eos_id])]
+    return [block0, block1]
+
+
+def document_example(tok: Tokenizer, doc: str, target: str | None, k: int) -> Example:
+    block0 = [text([tok.bos_id, *tok.encode(doc)]), latents(k)]
+    block1 = [text([tok.bos_id]), gen([*tok.encode(target or doc), tok.eos_id])]
+    return [block0, block1]
+
+
+def make_group(
+    tok: Tokenizer, record: GRCRecord, k: int, memory_mode: str, with_reasoning: bool
+) -> Group:
+    examples = [query_example(tok, record, k, with_reasoning)]
+    examples.append(document_example(tok, record.positive, record.compress_target, k))
+    examples += [document_example(tok, n, None, k) for n in record.negatives]
+    laid = [layout_example(e, k, memory_mode) for e in examples]
+    n_docs = 1 + len(record.negatives)
+    return Group(
+        examples=laid,
+        kinds=[QUERY] + [DOC] * n_docs,
+        positive=[0, 1] + [0] * len(record.negatives),
+        docs=[doc_hash(record.positive)] * 2 + [doc_hash(n) for n in record.negatives],
+    )
+
+
+def loss_targets(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`targets`, `gen_weights`, `comp_weights` `[B, T]` from packed rows (see train/losses.py)."""
+    tokens, seg, blk, roles = (rows[k] for k in ("tokens", "segment_ids", "block_ids", "roles"))
+    b, t = tokens.shape
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    nxt = np.zeros((b, t), bool)
+    nxt[:, :-1] = (
+        (roles[:, 1:] == GEN) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+        & (blk[:, 1:] == blk[:, :-1])
+    )  # fmt: skip
+    # Is the target's block a compression block (holds latents)?
+    key = seg.astype(np.int64) * 65536 + blk
+    comp_keys = [set(key[r][roles[r] == LATENT].tolist()) for r in range(b)]
+    in_comp = np.stack([np.isin(key[r], list(comp_keys[r])) for r in range(b)])
+    target_in_comp = np.zeros((b, t), bool)
+    target_in_comp[:, :-1] = in_comp[:, 1:]
+    return {
+        "targets": targets,
+        "gen_weights": (nxt & target_in_comp).astype(np.float32),
+        "comp_weights": (nxt & ~target_in_comp).astype(np.float32),
+    }
+
+
+class BatchBuilder:
+    """Places groups whole into `rows` rows of `seq_len` tokens, at most `slots` examples a row."""
+
+    def __init__(
+        self, rows: int, seq_len: int, slots: int, group_id_stride: int, group_id_offset: int
+    ):
+        self.rows, self.seq_len, self.slots = rows, seq_len, slots
+        self.stride, self.offset = group_id_stride, group_id_offset
+        self.reset()
+
+    def reset(self) -> None:
+        self.arrays = {key: np.zeros((self.rows, self.seq_len), np.int32) for key in ROW_KEYS}
+        self.meta = {
+            key: np.zeros((self.rows, self.slots), np.int32)
+            for key in ("seg_kind", "seg_group", "seg_positive", "seg_doc")
+        }
+        self.fill = [0] * self.rows
+        self.used = [0] * self.rows
+        self.groups = 0
+
+    def try_add(self, group: Group) -> bool:
+        """Place every example of `group` (first fit); False, and nothing placed, if one can't."""
+        fill, used, plan = list(self.fill), list(self.used), []
+        for ex in group.examples:
+            n = len(ex["tokens"])
+            row = next(
+                (
+                    r
+                    for r in range(self.rows)
+                    if fill[r] + n <= self.seq_len and used[r] < self.slots
+                ),
+                None,
+            )
+            if row is None:
+                return False
+            plan.append((row, fill[row], used[row]))
+            fill[row] += n
+            used[row] += 1
+        gid = self.groups * self.stride + self.offset
+        for i, (ex, (row, start, slot)) in enumerate(zip(group.examples, plan)):
+            sl = slice(start, start + len(ex["tokens"]))
+            for key in ("tokens", "block_ids", "roles", "positions"):
+                self.arrays[key][row, sl] = ex[key]
+            self.arrays["segment_ids"][row, sl] = slot + 1
+            self.meta["seg_kind"][row, slot] = group.kinds[i]
+            self.meta["seg_group"][row, slot] = gid
+            self.meta["seg_positive"][row, slot] = group.positive[i]
+            self.meta["seg_doc"][row, slot] = group.docs[i]
+        self.fill, self.used = fill, used
+        self.groups += 1
+        return True
+
+    def finish(self) -> dict[str, np.ndarray]:
+        batch = {**self.arrays, **self.meta, **loss_targets(self.arrays)}
+        self.reset()
+        return batch
+
+
+class GRCBatchDataset(grain.IterDataset):
+    """Packs a parent iterator of `Group`s into batch dicts; see `BatchBuilder`."""
+
+    def __init__(self, parent: grain.IterDataset, builder_args: dict[str, int]):
+        super().__init__(parent)
+        self.builder_args = builder_args
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _GRCBatchIterator(self._parent.__iter__(), BatchBuilder(**self.builder_args))
+
+
+class _GRCBatchIterator(grain.DatasetIterator):
+    # State = the parent's state just before the first group not yet in an emitted batch. A group
+    # that did not fit is kept in memory and re-read from the parent after a restore.
+
+    def __init__(self, parent: grain.DatasetIterator, builder: BatchBuilder):
+        super().__init__(parent)
+        self.builder = builder
+        self._pending: Group | None = None
+        self._pending_state = parent.get_state()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while True:
+            if self._pending is None:
+                self._pending_state = self._parent.get_state()
+                try:
+                    self._pending = next(self._parent)
+                except StopIteration:
+                    # Finite data (num_epochs set): the last, partly filled batch still counts.
+                    if self.builder.groups:
+                        return self.builder.finish()
+                    raise
+            if self.builder.try_add(self._pending):
+                self._pending = None
+                continue
+            if self.builder.groups == 0:
+                n = sum(len(e["tokens"]) for e in self._pending.examples)
+                raise ValueError(
+                    f"a record's group of {len(self._pending.examples)} examples ({n} tokens) does "
+                    f"not fit in one batch of {self.builder.rows} rows x {self.builder.seq_len} "
+                    "tokens; raise data.seq_len or data.batch_size, or use fewer negatives"
+                )
+            return self.builder.finish()
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "parent": self._pending_state if self._pending is not None else self._parent.get_state()
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._pending = None
+        self.builder.reset()
+
+
+class SkippedLine:
+    """Marks a bad line under `data.skip_bad_lines` (not None: grain drops None silently)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+
+class RecordParser:
+    """record source item -> `GRCRecord`; a bad line raises, or with `skip_bad_lines` becomes a
+    `SkippedLine`. Parsing runs in grain's read-ahead threads, so skipped lines are counted by
+    `keep` in the consumer's thread: lines read ahead but never used are not counted.
+    """
+
+    def __init__(self, skip_bad_lines: bool):
+        self.skip_bad_lines = skip_bad_lines
+        self.bad_lines = 0
+
+    def __call__(self, item: tuple[str, bytes]) -> GRCRecord | SkippedLine:
+        where, line = item
+        try:
+            return parse_record(line, where)
+        except BadLineError:
+            if not self.skip_bad_lines:
+                raise
+            return SkippedLine(where)
+
+    def keep(self, index_and_record: tuple[int, GRCRecord | SkippedLine]) -> bool:
+        if isinstance(index_and_record[1], SkippedLine):
+            self.bad_lines += 1
+            return False
+        return True
+
+
+def slots_per_row(cfg: Config) -> int:
+    """Most examples one row can hold: each has at least bos + K latents + bos + 1 target."""
+    return max(1, cfg.data.seq_len // (cfg.grc.num_latents + 3))
+
+
+def train_dataset(
+    cfg: Config,
+    tok: Tokenizer,
+    source: Any,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+) -> tuple[grain.IterDataset, RecordParser]:
+    """This process's share of the training batches (local rows = global batch / processes)."""
+    if cfg.data.batch_size % process_count:
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by {process_count} processes"
+        )
+    parser = RecordParser(cfg.data.skip_bad_lines)
+    k, mode = cfg.grc.num_latents, cfg.grc.memory_mode
+    drop = cfg.data.reasoning_dropout
+
+    def to_group(index_and_record):
+        index, record = index_and_record
+        # Deterministic per record and epoch position: the same data order gives the same groups.
+        keep = (zlib.crc32(f"{cfg.data.shuffle_seed}:{index}".encode()) % 10_000) >= drop * 10_000
+        return make_group(tok, record, k, mode, with_reasoning=keep)
+
+    ds = grain.MapDataset.source(source)
+    ds = ds[process_index::process_count]
+    # Shuffle, then repeat: grain reseeds the shuffle per epoch, so every epoch is a permutation
+    # of the records (shuffling after an infinite repeat would draw records with replacement).
+    ds = ds.shuffle(seed=cfg.data.shuffle_seed).repeat(num_epochs)
+    ds = ds.map(parser).map_with_index(lambda i, r: (i, r))
+    ds = ds.to_iter_dataset().filter(parser.keep).map(to_group)
+    builder_args = dict(
+        rows=cfg.data.batch_size // process_count,
+        seq_len=cfg.data.seq_len,
+        slots=slots_per_row(cfg),
+        group_id_stride=process_count,
+        group_id_offset=process_index,
+    )
+    return GRCBatchDataset(ds, builder_args), parser

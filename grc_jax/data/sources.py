@@ -1,0 +1,119 @@
+"""Random-access record sources for grain: JSONL files and ArrayRecord shards.
+
+Each record is `(where, raw_line)` with `where` = `path:line` so that parse errors can name it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class JsonlSource:
+    """Lines of one or more JSONL files, indexed by byte offsets (blank lines skipped)."""
+
+    def __init__(self, paths: str | Path | Sequence[str | Path]):
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        self.paths = [Path(p) for p in paths]
+        self._file: list[int] = []
+        self._line: list[int] = []
+        self._offset: list[int] = []
+        self._length: list[int] = []
+        for i, path in enumerate(self.paths):
+            if not path.is_file():
+                raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+            offset = 0
+            with path.open("rb") as f:
+                for line_no, line in enumerate(f, start=1):
+                    if line.strip():
+                        self._file.append(i)
+                        self._line.append(line_no)
+                        self._offset.append(offset)
+                        self._length.append(len(line))
+                    offset += len(line)
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def __getitem__(self, index: int) -> tuple[str, bytes]:
+        # pread: no shared file position, so grain's reader threads can call this concurrently.
+        i = self._file[index]
+        fd = self._fds.get(i)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(i)
+                if fd is None:
+                    fd = self._fds[i] = os.open(self.paths[i], os.O_RDONLY)
+        line = os.pread(fd, self._length[index], self._offset[index])
+        return f"{self.paths[i]}:{self._line[index]}", line
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fds"] = {}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+
+class ArrayRecordSource:
+    """ArrayRecord shards written by `prepare_array_record` (records are the JSONL lines)."""
+
+    def __init__(self, pattern: str):
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        self.paths = sorted(glob.glob(pattern))
+        if not self.paths:
+            raise FileNotFoundError(f"no ArrayRecord shards match {pattern!r}")
+        self._source = ArrayRecordDataSource(self.paths)
+        sizes = [ArrayRecordDataSource([p]).__len__() for p in self.paths]
+        self._starts = np.cumsum([0] + sizes)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> tuple[str, bytes]:
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        where = f"{self.paths[shard]}#{index - int(self._starts[shard])}"
+        return where, self._source[index]
+
+
+def prepare_array_record(
+    jsonl: str | Path, out_prefix: str | Path, num_shards: int = 4
+) -> list[str]:
+    """Convert a JSONL file into ArrayRecord shards `<prefix>-0000i-of-0000n.arrayrecord`."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    source = JsonlSource(jsonl)
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = [f"{out_prefix}-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
+    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
+    per_shard = -(-len(source) // num_shards)
+    for index in range(len(source)):
+        writers[index // per_shard].write(source[index][1].rstrip(b"\n"))
+    for w in writers:
+        w.close()
+    return paths
+
+
+def open_source(spec: str) -> JsonlSource | ArrayRecordSource:
+    """`*.jsonl` files (comma-separated or a glob) or an ArrayRecord glob (`*.arrayrecord`)."""
+    if ".arrayrecord" in spec:
+        return ArrayRecordSource(spec)
+    paths = [p for part in spec.split(",") for p in (sorted(glob.glob(part)) or [part])]
+    return JsonlSource(paths)

@@ -1,0 +1,1 @@
+"""GRC training: losses, gradients (GradCache), optimizer, train step, loop, checkpoints, eval."""

@@ -1,0 +1,233 @@
+"""`grc train`: the training loop with progress, TensorBoard, checkpoints, resume and eval.
+
+A run lives in `<train.output_dir>/<train.run_name>/`: `config.yaml`, `tokenizer.model` (trained
+here for from-scratch runs), `checkpoints/<step>/`, `tb/` (TensorBoard) and `eval/*.json`.
+Re-running the same command resumes from the newest checkpoint (model, optimizer and data position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from grc_jax.config import Config, save_config
+from grc_jax.data.pipeline import train_dataset
+from grc_jax.data.schema import parse_record
+from grc_jax.data.sources import JsonlSource, open_source
+from grc_jax.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from grc_jax.sharding import make_mesh
+from grc_jax.train.checkpoint import CheckpointError, RunCheckpoints
+from grc_jax.train.evaluate import Evaluator
+from grc_jax.train.flops import measure_matmul_flops, train_flops_per_step
+from grc_jax.train.state import create_state
+from grc_jax.train.step import batch_shardings, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is left as it was."""
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / cfg.train.run_name
+
+
+def _records(path: str, limit: int | None = None) -> list:
+    src = JsonlSource(path)
+    n = len(src) if limit is None else min(limit, len(src))
+    return [parse_record(src[i][1], src[i][0]) for i in range(n)]
+
+
+def prepare_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
+    """The run's tokenizer: `data.tokenizer`, the imported model's, or one trained on the data."""
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    if cfg.train.init_from:
+        return load_tokenizer(cfg.train.init_from)
+    model = directory / "tokenizer.model"
+    if not model.exists():
+        texts = []
+        for r in _records(cfg.data.train_path):
+            texts += [r.query, r.reasoning, f"answer : {r.answer}", r.positive, *r.negatives]
+        tok = train_sentencepiece(texts, directory / "tokenizer", cfg.model.vocab_size)
+    else:
+        tok = load_tokenizer(model)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
+        )
+    return tok
+
+
+class Logger:
+    """TensorBoard scalars (process 0 only; tensorboardX imported lazily: it may import torch)."""
+
+    def __init__(self, directory: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(directory))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _load_init(cfg: Config):
+    if not cfg.train.init_from:
+        return None
+    from grc_jax.convert.hf_import import load_imported
+
+    imported_cfg, params = load_imported(cfg.train.init_from)
+    if imported_cfg.model != cfg.model:
+        raise ValueError(
+            f"train.init_from={cfg.train.init_from!r}: its model config differs from this run's "
+            "model section; start from the imported config.yaml"
+        )
+    return params
+
+
+def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run of `cfg`; returns the final eval metrics with the untrained ones.
+
+    `max_steps` stops early after that many steps in total (used by tests to stop mid-run).
+    """
+    from tqdm import tqdm
+
+    directory = run_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        save_config(cfg, directory / "config.yaml")
+    tok = prepare_tokenizer(cfg, directory)
+    mesh = make_mesh(cfg.mesh)
+    state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed), _load_init(cfg))
+    ds, parser = train_dataset(
+        cfg, tok, open_source(cfg.data.train_path), jax.process_index(), jax.process_count()
+    )
+    data_iter = iter(ds)
+    ckpts = RunCheckpoints(directory / "checkpoints", cfg.train.keep_checkpoints)
+    start = 0
+    if cfg.train.resume == "never" and ckpts.latest_step() is not None:
+        raise ValueError(
+            f"train.resume=never but {ckpts.directory} holds checkpoints "
+            f"{ckpts.all_steps()}; choose a new train.run_name or remove them"
+        )
+    if cfg.train.resume == "required" and ckpts.latest_step() is None:
+        raise CheckpointError(f"train.resume=required but {ckpts.directory} holds no checkpoint")
+    if ckpts.latest_step() is not None:
+        state, data_state, start = ckpts.restore(None, state)
+        data_iter.set_state(data_state)
+        if not quiet:
+            print(f"resumed {directory} at step {start}")
+
+    evaluator = Evaluator(cfg, tok, _records(cfg.data.eval_path, cfg.train.eval_queries))
+    eval_dir = directory / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    logger = Logger(directory / "tb", is_main)
+    untrained_file = eval_dir / "untrained.json"
+    if start == 0 and is_main:
+        untrained = evaluator.run(state.params)
+        untrained_file.write_text(json.dumps(untrained, indent=2))
+        logger.scalars(0, {f"eval/{k}": v for k, v in untrained.items()})
+
+    first = next(data_iter)
+    bsh = batch_shardings(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first), mesh
+    )
+    step_fn = make_train_step(cfg, mesh, shardings, bsh)
+    flops_per_step = train_flops_per_step(cfg, first["tokens"].shape[0] * jax.process_count())
+    peak = measure_matmul_flops(mesh)
+    end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
+    bar = tqdm(total=end, initial=start, disable=quiet or not is_main, desc="train", unit="step")
+    pending = first
+    last_log = time.perf_counter()
+    tokens_since = steps_since = 0
+    step = start
+    try:
+        while step < end:
+            batch = pending if pending is not None else next(data_iter)
+            pending = None
+            tokens_since += int(np.sum(batch["segment_ids"] != 0)) * jax.process_count()
+            global_batch = jax.tree.map(
+                lambda x, s: jax.make_array_from_process_local_data(s, x), batch, bsh
+            )
+            state, metrics = step_fn(state, global_batch)
+            step += 1
+            steps_since += 1
+            is_log = step % cfg.train.log_every == 0 or step == end
+            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == end
+            if is_log or is_ckpt:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(m["loss/total"]) or m["params_finite"] != 1.0:
+                    what = "loss" if not math.isfinite(m["loss/total"]) else "parameter update"
+                    raise NonFiniteLossError(
+                        f"non-finite {what} at step {step} (gen={m['loss/gen']}, "
+                        f"rep={m['loss/rep']}, comp={m['loss/comp']}); stopping. The last good "
+                        f"checkpoint (step {ckpts.latest_step()}) in {ckpts.directory} is intact; "
+                        "lower train.learning_rate or check the data"
+                    )
+                now = time.perf_counter()
+                dt = (now - last_log) / steps_since
+                m["tokens_per_s"] = tokens_since / (now - last_log)
+                m["step_time_s"] = dt
+                m["mfu"] = flops_per_step / dt / peak
+                last_log, tokens_since, steps_since = now, 0, 0
+                logger.scalars(step, m)
+                if is_main:
+                    with (directory / "metrics.jsonl").open("a") as f:
+                        f.write(json.dumps({"step": step, **m}) + "\n")
+                bar.set_postfix(
+                    gen=f"{m['loss/gen']:.3f}", rep=f"{m['loss/rep']:.3f}",
+                    comp=f"{m['loss/comp']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
+                )  # fmt: skip
+            bar.update(1)
+            if is_ckpt:
+                ckpts.save(step, state, data_iter.get_state())
+            if step % cfg.train.eval_every == 0 and step != end and is_main:
+                ev = evaluator.run(state.params)
+                (eval_dir / f"step_{step}.json").write_text(json.dumps(ev, indent=2))
+                logger.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
+    finally:
+        bar.close()
+        ckpts.close()
+        logger.close()
+
+    result: dict[str, Any] = {"step": step, "bad_lines_skipped": parser.bad_lines}
+    if step == cfg.train.steps and is_main:
+        final = evaluator.run(state.params)
+        (eval_dir / "final.json").write_text(json.dumps(final, indent=2))
+        logger = Logger(directory / "tb", True)
+        logger.scalars(step, {f"eval/{k}": v for k, v in final.items()})
+        logger.close()
+        result["final"] = final
+        if untrained_file.exists():
+            result["untrained"] = json.loads(untrained_file.read_text())
+    result["state"] = state
+    return result
+
+
+def summary_table(untrained: dict[str, float], final: dict[str, float]) -> str:
+    keys = [
+        "retrieval/ndcg@10", "retrieval/recall@1", "retrieval/recall@10",
+        "retrieval_self_reason/ndcg@10", "retrieval_self_reason/recall@1",
+        "compression/token_accuracy", "generation/exact_match",
+    ]  # fmt: skip
+    lines = [f"{'metric':34s} {'untrained':>10s} {'trained':>10s}"]
+    for k in keys:
+        lines.append(
+            f"{k:34s} {untrained.get(k, float('nan')):10.4f} {final.get(k, float('nan')):10.4f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""The three GRC losses from ONE forward pass (DESIGN.md section 4).
+
+Batch arrays (built by `grc_jax.data.pipeline`), `[B, T]` unless noted:
+
+- `tokens, segment_ids, block_ids, roles, positions`: the packed rows (model inputs);
+- `targets`: the token at `t + 1` (what position `t` predicts);
+- `gen_weights` / `comp_weights`: 1.0 where position `t` predicts a `GEN` token of a compression
+  block (`L_gen`) / of a consumer block (`L_comp`), both tokens in the same block of the same
+  example; 0.0 elsewhere;
+- per example slot, `[B, S]` (`S` = most examples per row): `seg_kind` (0 empty, 1 query,
+  2 document),
+  `seg_group` (query id, unique in the global batch; a document carries the id of the query it
+  belongs to), `seg_positive` (1 on a query's positive document), `seg_doc` (hash of the document
+  text; on a query, the hash of its positive), used to drop duplicate copies of a positive from
+  the negatives.
+
+Normalisation: `L_gen` and `L_comp` are sums of token cross-entropies divided by the number of
+target tokens of that kind in the GLOBAL batch (every target token weighs the same, whatever its row or
+device); `L_rep` is the mean over the global batch's queries of the InfoNCE loss against every
+document of the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from grc_jax.config import GRCConfig, ModelConfig
+from grc_jax.model import forward
+from grc_jax.roles import LATENT
+from grc_jax.train.lora import model_params_of
+
+QUERY, DOC = 1, 2
+_NEG = -1e30
+
+
+def token_cross_entropy(
+    logits: Float[Array, "b t v"], targets: Int[Array, "b t"], weights: Float[Array, "b t"]
+) -> tuple[Array, Array]:
+    """(sum of weighted next-token cross-entropies, sum of weights), in float32."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz - picked) * weights), jnp.sum(weights)
+
+
+def pool_latents(
+    hidden: Float[Array, "b t d"],
+    segment_ids: Int[Array, "b t"],
+    block_ids: Int[Array, "b t"],
+    roles: Int[Array, "b t"],
+    num_slots: int,
+    pooling: str,
+) -> Float[Array, "b s d"]:
+    """Per example slot `s` (segment id `s + 1`): mean or last of block 0's latent hidden states."""
+    latent0 = (roles == LATENT) & (block_ids == 0)
+    slot = segment_ids[:, :, None] == jnp.arange(1, num_slots + 1)[None, None, :]  # [b, t, s]
+    member = (slot & latent0[:, :, None]).astype(jnp.float32)
+    if pooling == "last":
+        # One-hot of the highest index among each slot's block-0 latents.
+        idx = jnp.arange(hidden.shape[1], dtype=jnp.float32)[None, :, None]
+        last = jnp.max(member * (idx + 1), axis=1, keepdims=True) - 1
+        member = member * (idx == last)
+    elif pooling != "mean":
+        raise ValueError(f"grc.pooling: expected 'mean' or 'last', got {pooling!r}")
+    counts = jnp.maximum(jnp.sum(member, axis=1), 1.0)  # [b, s]
+    summed = jnp.einsum("bts,btd->bsd", member, hidden.astype(jnp.float32))
+    return summed / counts[..., None]
+
+
+def init_head_params(grc: GRCConfig, d_model: int, rng: jax.Array) -> dict[str, Array]:
+    """Embedding head: optional projection `[d, P]` and the (optionally learned) log temperature."""
+    head: dict[str, Array] = {"log_temperature": jnp.log(jnp.float32(grc.temperature))}
+    if grc.projection_dim is not None:
+        head["projection"] = jax.random.normal(rng, (d_model, grc.projection_dim)) * d_model**-0.5
+    return head
+
+
+def embed_from_pooled(head: dict[str, Array], pooled: Float[Array, "*b d"]) -> Float[Array, "*b p"]:
+    """Optional projection, then L2 normalisation."""
+    if "projection" in head:
+        pooled = pooled @ head["projection"]
+    return pooled * jax.lax.rsqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True) + 1e-12)
+
+
+def temperature(head: dict[str, Array], grc: GRCConfig) -> Array:
+    t = jnp.exp(head["log_temperature"])
+    return t if grc.learnable_temperature else jax.lax.stop_gradient(t)
+
+
+def info_nce(
+    emb: Float[Array, "n p"],
+    kind: Int[Array, " n"],
+    group: Int[Array, " n"],
+    positive: Int[Array, " n"],
+    doc: Int[Array, " n"],
+    temp: Array,
+) -> tuple[Array, Array]:
+    """(sum over queries of InfoNCE, number of queries) over flattened example slots.
+
+    Each query is scored against every document slot; its target is the document of its own group
+    flagged positive. Other copies of the same document text are removed from its negatives.
+    A query without a positive in the batch is ignored.
+    """
+    is_q = kind == QUERY
+    is_d = kind == DOC
+    scores = (emb @ emb.T) / temp  # [query slot, doc slot]
+    pos = is_d[None, :] & (positive[None, :] == 1) & (group[None, :] == group[:, None])
+    duplicate = is_d[None, :] & (doc[None, :] == doc[:, None]) & ~pos
+    allowed = is_d[None, :] & ~duplicate
+    scores = jnp.where(allowed, scores, _NEG)
+    logz = jax.nn.logsumexp(scores, axis=-1)
+    has_pos = is_q & jnp.any(pos, axis=-1)
+    pos_score = jnp.max(jnp.where(pos, scores, _NEG), axis=-1)
+    per_query = jnp.where(has_pos, logz - pos_score, 0.0)
+    return jnp.sum(per_query), jnp.sum(has_pos.astype(jnp.float32))
+
+
+def slot_embeddings(head, hidden, batch, grc: GRCConfig) -> Float[Array, "n p"]:
+    """Normalised embeddings of every example slot of the batch, flattened to `[B * S, P]`."""
+    num_slots = batch["seg_kind"].shape[1]
+    pooled = pool_latents(
+        hidden, batch["segment_ids"], batch["block_ids"], batch["roles"], num_slots, grc.pooling
+    )
+    emb = embed_from_pooled(head, pooled)
+    return emb.reshape(-1, emb.shape[-1])
+
+
+def _flat(batch, key):
+    return batch[key].reshape(-1)
+
+
+def rep_loss_from_embeddings(emb, head, batch, grc: GRCConfig) -> tuple[Array, Array]:
+    return info_nce(
+        emb,
+        _flat(batch, "seg_kind"),
+        _flat(batch, "seg_group"),
+        _flat(batch, "seg_positive"),
+        _flat(batch, "seg_doc"),
+        temperature(head, grc),
+    )
+
+
+def grc_loss(
+    params: dict[str, Any], model_cfg: ModelConfig, grc: GRCConfig, batch: dict[str, Array]
+) -> tuple[Array, dict[str, Array]]:
+    """`L = w_gen L_gen + w_rep L_rep + w_comp L_comp` from one `model.apply`; returns (L, metrics).
+
+    `params` is `{"model": transformer params, "head": embedding head params}` and, with LoRA,
+    `"lora"` factors merged into the transformer's projections.
+    """
+    out = forward(model_params_of(params, model_cfg.scan_layers), model_cfg, grc, batch)
+    gen_sum, gen_n = token_cross_entropy(out.logits, batch["targets"], batch["gen_weights"])
+    comp_sum, comp_n = token_cross_entropy(out.logits, batch["targets"], batch["comp_weights"])
+    emb = slot_embeddings(params["head"], out.hidden, batch, grc)
+    rep_sum, rep_n = rep_loss_from_embeddings(emb, params["head"], batch, grc)
+    l_gen = gen_sum / jnp.maximum(gen_n, 1.0)
+    l_comp = comp_sum / jnp.maximum(comp_n, 1.0)
+    l_rep = rep_sum / jnp.maximum(rep_n, 1.0)
+    w = grc.loss_weights
+    total = w.gen * l_gen + w.rep * l_rep + w.comp * l_comp
+    metrics = {
+        "loss/total": total,
+        "loss/gen": l_gen,
+        "loss/rep": l_rep,
+        "loss/comp": l_comp,
+        "count/gen_tokens": gen_n,
+        "count/comp_tokens": comp_n,
+        "count/queries": rep_n,
+    }
+    return total, metrics

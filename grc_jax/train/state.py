@@ -1,0 +1,85 @@
+"""Train state (a pytree) and its creation, sharded on the mesh by the logical-axis rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from grc_jax.config import Config
+from grc_jax.model import abstract_params, init_params
+from grc_jax.sharding import activation_sharding, param_specs
+from grc_jax.train.lora import init_lora
+from grc_jax.train.losses import init_head_params
+from grc_jax.train.optim import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Any  # int32 scalar (also a ShapeDtypeStruct under eval_shape)
+    params: dict[str, Any]  # {"model", "head"} (+ "lora")
+    opt_state: Any
+
+
+def init_train_params(cfg: Config, rng: jax.Array, model_params: Any | None = None) -> dict:
+    """Fresh params; `model_params` (e.g. an imported model) replaces the random transformer."""
+    r_model, r_head, r_lora = jax.random.split(rng, 3)
+    if model_params is None:
+        model_params = init_params(cfg.model, cfg.grc, r_model)
+    params = {"model": model_params, "head": init_head_params(cfg.grc, cfg.model.d_model, r_head)}
+    if cfg.train.lora_rank > 0:
+        params["lora"] = init_lora(model_params, cfg.train.lora_rank, cfg.model.scan_layers, r_lora)
+    return params
+
+
+def param_partition_specs(cfg: Config, params_shape: Any, mesh: Mesh) -> Any:
+    """PartitionSpecs of the train params: the model's by its logical names, the rest replicated."""
+    shapes, logical = abstract_params(cfg.model, cfg.grc)
+    specs = {"model": param_specs(logical, shapes, mesh)}
+    for key in params_shape:
+        if key != "model":
+            specs[key] = jax.tree.map(lambda _: PartitionSpec(), params_shape[key])
+    return specs
+
+
+def state_shardings(cfg: Config, state_shape: TrainState, mesh: Mesh) -> TrainState:
+    """NamedShardings for a TrainState: optimizer moments follow their parameters."""
+    specs = param_partition_specs(cfg, state_shape.params, mesh)
+    optimizer = make_optimizer(cfg.train, state_shape.params)
+    opt_specs = optax.tree_map_params(
+        optimizer,
+        lambda _p, spec: spec,
+        state_shape.opt_state,
+        specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    to_named = lambda tree: jax.tree.map(  # noqa: E731
+        lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    return TrainState(
+        step=NamedSharding(mesh, PartitionSpec()),
+        params=to_named(specs),
+        opt_state=to_named(opt_specs),
+    )
+
+
+def create_state(
+    cfg: Config, mesh: Mesh, rng: jax.Array, model_params: Any | None = None
+) -> tuple[TrainState, TrainState]:
+    """A sharded fresh TrainState and its shardings (params are created directly in place)."""
+
+    def make():
+        params = init_train_params(cfg, rng, model_params)
+        opt_state = make_optimizer(cfg.train, params).init(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+    shape = jax.eval_shape(make)
+    shardings = state_shardings(cfg, shape, mesh)
+    with activation_sharding(mesh):
+        state = jax.jit(make, out_shardings=shardings)()
+    return state, shardings

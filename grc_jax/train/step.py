@@ -1,0 +1,64 @@
+"""The jitted train step: loss + grads (GradCache when microbatched), clip, AdamW, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from grc_jax.config import Config
+from grc_jax.sharding import activation_sharding, logical_to_spec
+from grc_jax.train.grad import loss_and_grads
+from grc_jax.train.optim import lr_schedule, make_optimizer
+from grc_jax.train.state import TrainState
+
+
+def batch_shardings(batch_shape: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+    """Every batch array is split over ("data", "fsdp") on its leading (row) axis."""
+
+    def one(x):
+        names = ("activation_batch",) + (None,) * (len(x.shape) - 1)
+        return NamedSharding(mesh, logical_to_spec(names, x.shape, dict(mesh.shape)))
+
+    return jax.tree.map(one, batch_shape)
+
+
+def make_train_step(
+    cfg: Config, mesh: Mesh, shardings: TrainState, batch_sharding: dict[str, NamedSharding]
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch) -> (state, metrics)`, jitted with explicit in/out shardings."""
+    schedule = lr_schedule(cfg.train)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        optimizer = make_optimizer(cfg.train, state.params)
+        loss, metrics, grads = loss_and_grads(
+            state.params, cfg.model, cfg.grc, batch, cfg.train.microbatches
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+        metrics["temperature"] = jnp.exp(params["head"]["log_temperature"])
+        # A finite loss can still come with an update that overflows the params: check both.
+        metrics["params_finite"] = jax.tree.reduce(
+            jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params)
+        ).astype(jnp.float32)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        step,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    def run(state, batch):
+        with activation_sharding(mesh):
+            return jitted(state, batch)
+
+    return run

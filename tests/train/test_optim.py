@@ -1,0 +1,120 @@
+"""Optimizer: schedule, weight-decay mask, frozen base, LoRA."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from grc_jax.config import Config, GRCConfig, ModelConfig, TrainConfig
+from grc_jax.model import forward
+from grc_jax.train.lora import init_lora, merge_lora, model_params_of
+from grc_jax.train.optim import decay_mask, lr_schedule, make_optimizer
+from grc_jax.train.state import init_train_params
+
+MODEL = ModelConfig(
+    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
+CFG = Config(model=MODEL, grc=GRCConfig(num_latents=2))
+
+
+def _paths(tree):
+    return {
+        jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1)
+    s = lr_schedule(tc)
+    assert float(s(0)) == 0.0
+    np.testing.assert_allclose(float(s(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(s(5)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(s(100)), 1e-4, rtol=1e-5)
+    assert float(s(50)) < 1e-3
+
+
+def test_decay_mask_skips_norms_biases_latents_temperature():
+    params = init_train_params(
+        dataclasses.replace(CFG, model=dataclasses.replace(MODEL, qkv_bias=True)),
+        jax.random.key(0),
+    )
+    mask = _paths(decay_mask(params))
+    assert mask["['model']['layers_0']['attn']['q']['kernel']"]
+    assert mask["['model']['embed']"]
+    assert not mask["['model']['latents']"]
+    assert not mask["['model']['layers_0']['attn']['q']['bias']"]
+    assert not mask["['model']['layers_0']['attn_norm']['scale']"]
+    assert not mask["['model']['final_norm']['scale']"]
+    assert not mask["['head']['log_temperature']"]
+
+
+def _one_update(cfg, params):
+    opt = make_optimizer(cfg.train, params)
+    state = opt.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(2):  # step 0 has lr 0 under warmup
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def test_freeze_base_trains_only_latents_and_head():
+    cfg = dataclasses.replace(CFG, train=TrainConfig(freeze_base=True, warmup_steps=1))
+    params = init_train_params(cfg, jax.random.key(0))
+    new = _one_update(cfg, params)
+    before, after = _paths(params), _paths(new)
+    for key in before:
+        changed = not np.array_equal(np.asarray(before[key]), np.asarray(after[key]))
+        should = "['latents']" in key or key.startswith("['head']")
+        assert changed == should, key
+
+
+def test_lora_starts_at_base_and_trains_only_factors():
+    cfg = dataclasses.replace(CFG, train=TrainConfig(lora_rank=4, warmup_steps=1))
+    params = init_train_params(cfg, jax.random.key(0))
+    assert len(params["lora"]) == MODEL.n_layers * 7  # q k v o gate up down per layer
+    batch = {
+        "tokens": jnp.arange(12)[None] % 60,
+        "segment_ids": jnp.ones((1, 12), jnp.int32),
+        "block_ids": jnp.zeros((1, 12), jnp.int32),
+        "roles": jnp.ones((1, 12), jnp.int32),
+        "positions": jnp.arange(12)[None],
+    }
+    base = forward(params["model"], MODEL, cfg.grc, batch).logits
+    merged = forward(model_params_of(params, False), MODEL, cfg.grc, batch).logits
+    np.testing.assert_array_equal(np.asarray(base), np.asarray(merged))  # b = 0 at init
+    new = _one_update(cfg, params)
+    before, after = _paths(params), _paths(new)
+    for key in before:
+        changed = not np.array_equal(np.asarray(before[key]), np.asarray(after[key]))
+        should = (
+            key.startswith("['lora']") and key.endswith("['b']")
+            or key.startswith("['lora']") and key.endswith("['a']")
+            or "['latents']" in key
+            or key.startswith("['head']")
+        )
+        assert changed == should, key
+    # After the update the merged model differs from the base.
+    moved = forward(model_params_of(new, False), MODEL, cfg.grc, batch).logits
+    assert float(jnp.max(jnp.abs(moved - base))) > 0
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_lora_merge_matches_dense_delta(scanned):
+    from grc_jax.model import init_params, stack_layers
+
+    p = init_params(MODEL, CFG.grc, jax.random.key(1))
+    if scanned:
+        p = stack_layers(p, MODEL.n_layers)
+    lora = init_lora(p, 3, scanned, jax.random.key(2))
+    lora = jax.tree.map(lambda x: x + 0.1, lora)  # non-zero b
+    merged = merge_lora(p, lora, scanned)
+    layer = (lambda t: t["layers"]) if scanned else (lambda t: t["layers_1"])
+    key = "layers/attn/o/kernel" if scanned else "layers_1/attn/o/kernel"
+    f = lora[key]
+    w = layer(p)["attn"]["o"]["kernel"]
+    delta = np.einsum("...ir,...ro->...io", f["a"], f["b"]).reshape(w.shape)
+    np.testing.assert_allclose(layer(merged)["attn"]["o"]["kernel"], w + delta, rtol=1e-5, atol=1e-7)
