@@ -92,16 +92,26 @@ def loss_targets(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         (roles[:, 1:] == GEN) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
         & (blk[:, 1:] == blk[:, :-1])
     )  # fmt: skip
-    # Is the target's block a compression block (holds latents)?
+    # A target counts for L_comp when its block is a consumer block: no latents of its own and
+    # an earlier compression block in its example to read. Every other GEN target (compression
+    # blocks, and plain generation examples without any latents) counts for L_gen.
     key = seg.astype(np.int64) * 65536 + blk
-    comp_keys = [set(key[r][roles[r] == LATENT].tolist()) for r in range(b)]
-    in_comp = np.stack([np.isin(key[r], list(comp_keys[r])) for r in range(b)])
-    target_in_comp = np.zeros((b, t), bool)
-    target_in_comp[:, :-1] = in_comp[:, 1:]
+    consumer = np.zeros((b, t), bool)
+    for r in range(b):
+        latent_keys = np.unique(key[r][roles[r] == LATENT])
+        in_comp = np.isin(key[r], latent_keys)
+        first_comp = {}  # segment -> first compression block id
+        for k in latent_keys.tolist():
+            s_, b_ = divmod(k, 65536)
+            first_comp[s_] = min(b_, first_comp.get(s_, b_))
+        after = np.array([blk[r, i] > first_comp.get(seg[r, i], 1 << 30) for i in range(t)])
+        consumer[r] = ~in_comp & after
+    target_consumer = np.zeros((b, t), bool)
+    target_consumer[:, :-1] = consumer[:, 1:]
     return {
         "targets": targets,
-        "gen_weights": (nxt & target_in_comp).astype(np.float32),
-        "comp_weights": (nxt & ~target_in_comp).astype(np.float32),
+        "gen_weights": (nxt & ~target_consumer).astype(np.float32),
+        "comp_weights": (nxt & target_consumer).astype(np.float32),
     }
 
 

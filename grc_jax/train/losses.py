@@ -4,9 +4,10 @@ Batch arrays (built by `grc_jax.data.pipeline`), `[B, T]` unless noted:
 
 - `tokens, segment_ids, block_ids, roles, positions`: the packed rows (model inputs);
 - `targets`: the token at `t + 1` (what position `t` predicts);
-- `gen_weights` / `comp_weights`: 1.0 where position `t` predicts a `GEN` token of a compression
-  block (`L_gen`) / of a consumer block (`L_comp`), both tokens in the same block of the same
-  example; 0.0 elsewhere;
+- `gen_weights` / `comp_weights`: 1.0 where position `t` predicts a `GEN` token of a consumer
+  block, i.e. a block without latents after a compression block of its example (`L_comp`), or any
+  other `GEN` token: compression blocks, plain generation examples (`L_gen`); both tokens in the
+  same block of the same example; 0.0 elsewhere;
 - per example slot, `[B, S]` (`S` = most examples per row): `seg_kind` (0 empty, 1 query,
   2 document),
   `seg_group` (query id, unique in the global batch; a document carries the id of the query it

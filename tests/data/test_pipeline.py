@@ -131,13 +131,13 @@ def test_loss_targets_hand_built():
         (2, 1, 1, T), (9, 1, 1, G), (3, 1, 1, G),
         # segment 2: block 0 = TEXT TEXT LAT LAT, block 1 = GEN GEN (no bos: starts at a boundary)
         (2, 2, 0, T), (4, 2, 0, T), (0, 2, 0, L), (1, 2, 0, L), (11, 2, 1, G), (3, 2, 1, G),
-        # segment 3: a single consumer block of GEN only (starts right after segment 2)
+        # segment 3: a single block of GEN only, no latents anywhere (starts right after seg 2)
         (12, 3, 0, G), (13, 3, 0, G),
         (0, 0, 0, P),
     ]  # fmt: skip
     row1 = [
         (5, 1, 0, T), (6, 1, 0, G), (0, 1, 0, L),  # segment 1, block 0: compression
-        (7, 2, 0, T), (8, 2, 0, G), (9, 2, 0, G),  # segment 2, block 0: consumer
+        (7, 2, 0, T), (8, 2, 0, G), (9, 2, 0, G),  # segment 2, block 0: plain generation
         (4, 3, 0, T), (10, 3, 0, G), (0, 3, 0, L),  # segment 3, block 0: compression here
     ] + [(0, 0, 0, P)] * 9  # fmt: skip
     row2 = [(0, 0, 0, P)] * 18
@@ -155,12 +155,13 @@ def test_loss_targets_hand_built():
     want_comp = np.zeros((3, 18), np.float32)
     # row 0: positions 1, 2 predict the compression block's GEN 7, 8 (from TEXT 6 and GEN 7);
     # 6, 7 predict consumer GEN 9, 3 of segment 1; 13 predicts GEN 3 of segment 2 (12 -> 13 crosses
-    # blocks); 15 predicts GEN 13 of segment 3 (14 -> 15 crosses segments); 16 -> padding.
-    want_gen[0, [1, 2]] = 1
-    want_comp[0, [6, 7, 13, 15]] = 1
-    # row 1: same block id 0 in every segment, but only segments 1 and 3 hold latents.
-    want_gen[1, [0, 6]] = 1
-    want_comp[1, [3, 4]] = 1
+    # blocks); 15 predicts GEN 13 of segment 3, a plain generation example with no compression
+    # block to read, so L_gen (14 -> 15 crosses segments); 16 -> padding.
+    want_gen[0, [1, 2, 15]] = 1
+    want_comp[0, [6, 7, 13]] = 1
+    # row 1: same block id 0 in every segment; segments 1 and 3 hold latents, segment 2 is plain
+    # generation (no earlier compression block): all three count for L_gen, none for L_comp.
+    want_gen[1, [0, 3, 4, 6]] = 1
     for key, want in (("gen_weights", want_gen), ("comp_weights", want_comp)):
         assert got[key].dtype == np.float32, key
         np.testing.assert_array_equal(got[key], want, err_msg=key)

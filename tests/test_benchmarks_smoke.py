@@ -1,0 +1,51 @@
+"""Smoke test: each benchmark's `main` runs with --quick settings and writes the expected JSON."""
+
+import json
+
+from benchmarks import one_pass, train_throughput
+
+MACHINE_KEYS = {
+    "date_utc",
+    "cpu_model",
+    "usable_cores",
+    "load_average",
+    "jax",
+    "devices",
+    "command",
+}
+
+
+def test_one_pass_quick(tmp_path):
+    out = tmp_path / "one_pass.json"
+    result = one_pass.main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "one_pass"
+    assert MACHINE_KEYS <= set(saved["machine"])
+    assert set(saved["variants"]) == {"grc", "gen", "rep", "comp"}
+    for v in saved["variants"].values():
+        assert {"batches", "tokens", "time_s", "train_flops", "loss_counts"} <= set(v)
+        assert v["batches"] > 0 and v["tokens"] > 0 and v["time_s"] > 0
+        assert v["loss_counts"]["finite"]
+    assert {"ratio_time", "ratio_flops", "separate"} <= set(saved)
+    assert saved["ratio_flops"] == result["ratio_flops"]
+    # Each single-loss variant feeds exactly its own loss; GRC feeds all three, with the same
+    # number of target tokens / queries as the separate passes together.
+    c = {name: v["loss_counts"] for name, v in saved["variants"].items()}
+    assert c["gen"]["gen_tokens"] > 0 and c["gen"]["queries"] == c["gen"]["comp_tokens"] == 0
+    assert c["rep"]["queries"] > 0 and c["rep"]["gen_tokens"] == c["rep"]["comp_tokens"] == 0
+    assert c["comp"]["comp_tokens"] > 0 and c["comp"]["gen_tokens"] == c["comp"]["queries"] == 0
+    for key, name in (("gen_tokens", "gen"), ("queries", "rep"), ("comp_tokens", "comp")):
+        assert c["grc"][key] == c[name][key]
+
+
+def test_train_throughput_quick(tmp_path):
+    out = tmp_path / "train_throughput.json"
+    train_throughput.main(["--quick", "--configs", "tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "train_throughput"
+    assert MACHINE_KEYS <= set(saved["machine"])
+    assert saved["matmul_flops_per_s"] > 0
+    r = saved["configs"]["tiny"]
+    keys = {"tokens_per_s", "achieved_flops_per_s", "fraction_of_matmul", "step_time_s", "params"}
+    assert keys <= set(r)
+    assert r["tokens_per_s"] > 0 and r["fraction_of_matmul"] > 0
