@@ -16,9 +16,9 @@ Batch arrays (built by `grc_jax.data.pipeline`), `[B, T]` unless noted:
   the negatives.
 
 Normalisation: `L_gen` and `L_comp` are sums of token cross-entropies divided by the number of
-target tokens of that kind in the GLOBAL batch (every target token weighs the same, whatever its row or
-device); `L_rep` is the mean over the global batch's queries of the InfoNCE loss against every
-document of the global batch.
+target tokens of that kind in the GLOBAL batch (every target token weighs the same, whatever its
+row or device); `L_rep` is the mean over the global batch's queries of the InfoNCE loss against
+every document of the global batch.
 """
 
 from __future__ import annotations
