@@ -117,4 +117,5 @@ def test_lora_merge_matches_dense_delta(scanned):
     f = lora[key]
     w = layer(p)["attn"]["o"]["kernel"]
     delta = np.einsum("...ir,...ro->...io", f["a"], f["b"]).reshape(w.shape)
-    np.testing.assert_allclose(layer(merged)["attn"]["o"]["kernel"], w + delta, rtol=1e-5, atol=1e-7)
+    got = layer(merged)["attn"]["o"]["kernel"]
+    np.testing.assert_allclose(got, w + delta, rtol=1e-5, atol=1e-7)
