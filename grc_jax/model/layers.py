@@ -62,16 +62,19 @@ def dot_product_attention(
 
 
 class Attention(nn.Module):
-    """GQA self-attention with optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+    """GQA self-attention with optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3).
+
+    `project` (q, k, v at their positions) and `output` are separate methods so that the decode
+    path can run the same projections around its own (paged) attention.
+    """
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def setup(self):
         cfg = self.cfg
         dtype = compute_dtype(cfg)
 
-        def proj(name, heads, head_axis):
+        def proj(heads, head_axis):
             return nn.DenseGeneral(
                 features=(heads, cfg.head_dim),
                 use_bias=cfg.qkv_bias,
@@ -81,35 +84,47 @@ class Attention(nn.Module):
                 bias_init=nn.with_logical_partitioning(
                     nn.initializers.zeros, (head_axis, "head_dim")
                 ),
-                name=name,
-            )(x)
+            )
 
-        q = proj("q", cfg.n_heads, "heads")
-        k = proj("k", cfg.n_kv_heads, "kv_heads")
-        v = proj("v", cfg.n_kv_heads, "kv_heads")
+        self.q = proj(cfg.n_heads, "heads")
+        self.k = proj(cfg.n_kv_heads, "kv_heads")
+        self.v = proj(cfg.n_kv_heads, "kv_heads")
         if cfg.qk_norm:
-            q = RMSNorm(cfg.rms_norm_eps, "head_dim", dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, "head_dim", dtype, name="k_norm")(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
-        k = constrain(
-            k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim")
-        )
-        v = constrain(
-            v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim")
-        )
-        out = dot_product_attention(q, k, v, mask)
-        out = nn.DenseGeneral(
+            self.q_norm = RMSNorm(cfg.rms_norm_eps, "head_dim", dtype)
+            self.k_norm = RMSNorm(cfg.rms_norm_eps, "head_dim", dtype)
+        self.o = nn.DenseGeneral(
             features=cfg.d_model,
             axis=(-2, -1),
             use_bias=False,
             dtype=dtype,
             param_dtype=jnp.float32,
             kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")),
-            name="o",
-        )(out)
-        return out, (k, v)
+        )
+
+    def project(self, x, cos, sin):
+        """q `[b,t,H,D]`, k and v `[b,t,G,D]`; q and k RoPE-rotated at their positions."""
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = constrain(
+            apply_rope(q, cos, sin),
+            ("activation_batch", "activation_length", "activation_heads", "head_dim"),
+        )
+        k = constrain(
+            apply_rope(k, cos, sin),
+            ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"),
+        )
+        v = constrain(
+            v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim")
+        )
+        return q, k, v
+
+    def output(self, attended):
+        return self.o(attended)
+
+    def __call__(self, x, mask, cos, sin):
+        q, k, v = self.project(x, cos, sin)
+        return self.output(dot_product_attention(q, k, v, mask)), (k, v)
 
 
 class MLP(nn.Module):
