@@ -1,0 +1,47 @@
+"""Token sampling: greedy, temperature, top-k, top-p (nucleus), seeded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """`temperature=0` is greedy; `top_k=0` and `top_p=1` disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p}")
+
+
+def sample(
+    logits: Float[Array, "b v"], key: Array, temperature: Array, top_k: Array, top_p: Array
+) -> Array:
+    """Next token ids `[b]`; all filters are traced values, so one compile serves every setting."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
+    v = logits.shape[-1]
+    kth = jnp.take(order, jnp.clip(top_k - 1, 0, v - 1), axis=-1)[:, None]
+    scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
+    # Nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p.
+    probs = jax.nn.softmax(jnp.sort(scaled, axis=-1)[:, ::-1], axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
+    keep_sorted = before < top_p
+    cutoff = jnp.min(jnp.where(keep_sorted, jnp.sort(scaled, axis=-1)[:, ::-1], jnp.inf), -1)
+    scaled = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
+    drawn = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
