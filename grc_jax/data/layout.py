@@ -248,3 +248,20 @@ def pack_examples(
         rows += packer.add(example)
     rows += packer.flush()
     return stack_rows(rows, seq_len)
+
+
+def one_per_row(
+    examples: Sequence[Example], num_latents: int, memory_mode: str, bucket: int = 32
+) -> dict[str, np.ndarray]:
+    """Lay out each example in its own row, padded to a multiple of `bucket` tokens (so that
+    inference and evaluation passes compile for few distinct shapes)."""
+    laid = [layout_example(e, num_latents, memory_mode) for e in examples]
+    longest = max(len(e["tokens"]) for e in laid)
+    t = max(bucket, -(-longest // bucket) * bucket)
+    rows = {key: np.zeros((len(laid), t), np.int32) for key in ROW_KEYS}
+    for i, e in enumerate(laid):
+        n = len(e["tokens"])
+        for key in _EXAMPLE_KEYS:
+            rows[key][i, :n] = e[key]
+        rows["segment_ids"][i, :n] = 1
+    return rows

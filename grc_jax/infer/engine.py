@@ -5,7 +5,8 @@
 - `embed(texts, self_reason=False)`: `[TEXT][LATENT x K]` -> vector (optionally after greedy
   self-reasoning);
 - `compress(texts)`: -> (LatentMemory, embedding) per text, one pass each;
-- `update(memory, chunk)` (`recurrent` mode): the chunk reads the old memory, new latents replace it.
+- `update(memory, chunk)` (`recurrent` mode): the chunk reads the old memory; new latents
+  replace it.
 
 Generation runs on a paged KV cache with a shared latent-memory pool: requests are batched (fixed
 batch, padded), prompts are prefilled in fixed-size chunks and decoding is one jitted step per
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax.config import Config
-from grc_jax.data.layout import gen, latents, layout_example, text
+from grc_jax.data.layout import gen, latents, one_per_row, text
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.infer.cache import PagePool, block_table, empty_cache
 from grc_jax.infer.memory import LatentMemory, MemoryMismatchError, model_fingerprint
@@ -34,6 +35,8 @@ from grc_jax.roles import LATENT, TEXT
 from grc_jax.train.lora import model_params_of
 from grc_jax.train.losses import embed_from_pooled, pool_latents
 from pallas_kernels.hybrid_paged_attention import rotate
+
+GREEDY = SamplingParams()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +58,6 @@ class Generation:
     step_logits: list[np.ndarray] | None = None  # logits that chose each token, if requested
 
 
-def _bucket(n: int, q: int = 32) -> int:
-    return max(q, -(-n // q) * q)
-
-
 class Engine:
     def __init__(self, cfg: Config, params: dict[str, Any], tok: Tokenizer, opts=EngineOptions()):
         self.cfg, self.tok, self.opts = cfg, tok, opts
@@ -69,7 +68,13 @@ class Engine:
         self.pool = PagePool(opts.n_pages, opts.page_size)
         self.cache = empty_cache(cfg.model, opts.n_pages, opts.page_size)
         m = cfg.model
-        mem_shape = (m.n_layers, opts.max_batch * opts.max_memories + 1, self.K, m.n_kv_heads, m.head_dim)
+        mem_shape = (
+            m.n_layers,
+            opts.max_batch * opts.max_memories + 1,
+            self.K,
+            m.n_kv_heads,
+            m.head_dim,
+        )
         self.mem_pool = {"k": jnp.zeros(mem_shape), "v": jnp.zeros(mem_shape)}
         self._inv_freq = jnp.asarray(inverse_frequencies(m))
         step = lambda cache, mem, *a: paged_forward(  # noqa: E731
@@ -86,15 +91,7 @@ class Engine:
     # ------------------------------------------------------------------ memories and embeddings
 
     def _rows(self, examples) -> dict[str, np.ndarray]:
-        laid = [layout_example(e, self.K, self.cfg.grc.memory_mode) for e in examples]
-        t = _bucket(max(len(e["tokens"]) for e in laid))
-        rows = {k: np.zeros((len(laid), t), np.int32) for k in ("tokens", "segment_ids", "block_ids", "roles", "positions")}
-        for i, e in enumerate(laid):
-            n = len(e["tokens"])
-            for k in ("tokens", "block_ids", "roles", "positions"):
-                rows[k][i, :n] = e[k]
-            rows["segment_ids"][i, :n] = 1
-        return rows
+        return one_per_row(examples, self.K, self.cfg.grc.memory_mode)
 
     def _encode_text(self, s: str, what: str) -> list[int]:
         if not isinstance(s, str) or not s.strip():
@@ -109,18 +106,26 @@ class Engine:
         )  # fmt: skip
         return out, np.asarray(embed_from_pooled(self.head, pooled[:, 0]))
 
-    def embed(self, texts: list[str], self_reason: bool = False, max_reasoning: int = 32) -> np.ndarray:
+    def embed(
+        self, texts: list[str], self_reason: bool = False, max_reasoning: int = 32
+    ) -> np.ndarray:
         """Unit-norm embeddings `[n, dim]`: `[TEXT bos text][(GEN reasoning)][LATENT x K]`."""
         prompts = [[self.tok.bos_id, *self._encode_text(t, "embed")] for t in texts]
         reasoning = [[] for _ in prompts]
         if self_reason:
-            reasoning = [g.tokens for g in self.generate_ids(prompts, max_new_tokens=max_reasoning, keep_stop=True)]
+            reasoning = [
+                g.tokens
+                for g in self.generate_ids(prompts, max_new_tokens=max_reasoning, keep_stop=True)
+            ]
         examples = [
             [[text(p), gen(r), latents(self.K)] if r else [text(p), latents(self.K)]]
             for p, r in zip(prompts, reasoning)
         ]
         return np.concatenate(
-            [self._embed_rows(self._rows(examples[i : i + 64]))[1] for i in range(0, len(examples), 64)]
+            [
+                self._embed_rows(self._rows(examples[i : i + 64]))[1]
+                for i in range(0, len(examples), 64)
+            ]
         )
 
     def compress(self, texts: list[str]) -> list[tuple[LatentMemory, np.ndarray]]:
@@ -166,7 +171,9 @@ class Engine:
         ids = self._encode_text(chunk, "update")
         tokens = ids + list(range(self.K))
         roles = [TEXT] * len(ids) + [LATENT] * self.K
-        out = self._run_paged([tokens], [roles], [[memory]], start_positions=[self.K], collect="all")
+        out = self._run_paged(
+            [tokens], [roles], [[memory]], start_positions=[self.K], collect="all"
+        )
         (logits, hidden, kv) = out[0]
         lat = np.arange(len(ids), len(tokens))
         k = self._canonical(kv[0][:, lat], self.K + len(ids))
@@ -176,8 +183,10 @@ class Engine:
 
     # ------------------------------------------------------------------ paged execution
 
-    def _load_memories(self, per_request: list[list[LatentMemory]]) -> tuple[np.ndarray, np.ndarray]:
-        """Place memories in the shared pool (once per distinct memory); return tables and counts."""
+    def _load_memories(
+        self, per_request: list[list[LatentMemory]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Place memories in the shared pool (once per distinct memory); tables and counts."""
         opts = self.opts
         tables = np.zeros((opts.max_batch, opts.max_memories), np.int32)
         counts = np.zeros(opts.max_batch, np.int32)
@@ -185,7 +194,9 @@ class Engine:
         ks, vs, idx = [], [], []
         for b, mems in enumerate(per_request):
             if len(mems) > opts.max_memories:
-                raise ValueError(f"request {b}: {len(mems)} memories, the engine holds {opts.max_memories}")
+                raise ValueError(
+                    f"request {b}: {len(mems)} memories, the engine holds {opts.max_memories}"
+                )
             if mems and self.cfg.grc.memory_mode == "recurrent" and len(mems) > 1:
                 raise MemoryMismatchError(
                     f"request {b}: recurrent mode reads one running memory, got {len(mems)}"
@@ -208,7 +219,7 @@ class Engine:
         return tables, counts
 
     def _run_paged(self, token_lists, role_lists, memories, start_positions, collect="last",
-                   max_new_tokens=0, sampling=SamplingParams(), stop_tokens=(), keep_stop=False,
+                   max_new_tokens=0, sampling=GREEDY, stop_tokens=(), keep_stop=False,
                    return_logits=False):  # fmt: skip
         """Prefill every request (chunked), then decode up to `max_new_tokens`.
 
@@ -275,7 +286,11 @@ class Engine:
                     last_logits[b] = logits[b, list(idx[b]).index(lens[b] - 1)]
         if collect == "all":
             return [
-                (np.concatenate(lg), np.concatenate(h), (np.concatenate(kk, 1), np.concatenate(vv, 1)))
+                (
+                    np.concatenate(lg),
+                    np.concatenate(h),
+                    (np.concatenate(kk, 1), np.concatenate(vv, 1)),
+                )
                 for lg, h, kk, vv in collected
             ]
         return self._decode(last_logits, n, starts, lens, tables, mem_tables, mem_counts, max_new,
@@ -290,7 +305,11 @@ class Engine:
         done = np.array([False] * n + [True] * (B - n))
         reason = ["length"] * n
         cur = lens.copy()
-        s = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
+        s = (
+            jnp.float32(sampling.temperature),
+            jnp.int32(sampling.top_k),
+            jnp.float32(sampling.top_p),
+        )
         for _ in range(max_new):
             key, sub = jax.random.split(key)
             nxt = np.asarray(self._sample(jnp.asarray(logits), sub, *s))
@@ -325,8 +344,9 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    def generate_ids(self, prompts: list[list[int]], memories: list[list[LatentMemory]] | None = None,
-                     max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+    def generate_ids(self, prompts: list[list[int]],
+                     memories: list[list[LatentMemory]] | None = None,
+                     max_new_tokens: int = 64, sampling: SamplingParams = GREEDY,
                      stop_tokens: tuple[int, ...] | None = None, keep_stop: bool = False,
                      return_logits: bool = False) -> list[Generation]:  # fmt: skip
         """Generate from token-id prompts (a consumer block over `memories[b]` when given)."""

@@ -49,7 +49,9 @@ class LatentMemory:
 
     def __post_init__(self):
         if self.k.shape != self.v.shape or self.k.ndim != 4:
-            raise ValueError(f"latent memory: k {self.k.shape} and v {self.v.shape} must be equal 4-D")
+            raise ValueError(
+                f"latent memory: k {self.k.shape} and v {self.v.shape} must be equal 4-D"
+            )
         if self.k.shape[1] != self.num_latents:
             raise ValueError(
                 f"latent memory: {self.k.shape[1]} latent rows but num_latents={self.num_latents}"
@@ -70,8 +72,8 @@ class LatentMemory:
             )
         if self.model != fingerprint:
             raise MemoryMismatchError(
-                f"{what}: made by model {self.model}, but this model is {fingerprint}; memories are "
-                "only meaningful to the model that made them"
+                f"{what}: made by model {self.model}, but this model is {fingerprint}; "
+                "memories are only meaningful to the model that made them"
             )
 
     def save(self, path: str | Path) -> None:
@@ -84,7 +86,9 @@ class LatentMemory:
             "memory_mode": self.memory_mode,
             "source_tokens": str(self.source_tokens),
         }
-        save_file({"k": np.ascontiguousarray(self.k), "v": np.ascontiguousarray(self.v)}, str(path), meta)
+        save_file(
+            {"k": np.ascontiguousarray(self.k), "v": np.ascontiguousarray(self.v)}, str(path), meta
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> LatentMemory:
@@ -100,7 +104,9 @@ class LatentMemory:
         except Exception as e:  # safetensors raises several types for foreign files
             raise ValueError(f"{path}: not a grc latent memory file ({e})") from None
         if meta.get("format") != "grc-latent-memory/1":
-            raise ValueError(f"{path}: not a grc latent memory file (format {meta.get('format')!r})")
+            raise ValueError(
+                f"{path}: not a grc latent memory file (format {meta.get('format')!r})"
+            )
         return cls(
             k=k, v=v, model=meta["model"], num_latents=int(meta["num_latents"]),
             memory_mode=meta["memory_mode"], source_tokens=int(meta.get("source_tokens", 0)),

@@ -35,7 +35,7 @@ def write_pages(
     block_tables: Int[Array, "b np"],
     text_index: Int[Array, "b c"],
 ) -> Float[Array, "p s g d"]:
-    """Scatter `new[b, i]` to text slot `text_index[b, i]` of sequence b; index -1 writes nothing."""
+    """Scatter `new[b, i]` to text slot `text_index[b, i]` of sequence b (-1: not written)."""
     page_size = pages.shape[1]
     page = jnp.take_along_axis(block_tables, jnp.maximum(text_index, 0) // page_size, axis=1)
     page = jnp.where(text_index >= 0, page, pages.shape[0])  # out of range: dropped
@@ -70,7 +70,9 @@ def paged_forward(
     dtype = compute_dtype(cfg)
     is_latent = roles == LATENT
     tok = jnp.take(params["embed"], jnp.where(is_latent, 0, tokens), axis=0)
-    lat = jnp.take(params["latents"], jnp.clip(jnp.where(is_latent, tokens, 0), 0, num_latents - 1), axis=0)
+    lat = jnp.take(
+        params["latents"], jnp.clip(jnp.where(is_latent, tokens, 0), 0, num_latents - 1), axis=0
+    )
     x = jnp.where(is_latent[..., None], lat, tok).astype(dtype)
     inv_freq = inverse_frequencies(cfg)
     cos, sin = rope_angles(positions, inv_freq)

@@ -21,31 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax.config import Config
-from grc_jax.data.layout import ROW_KEYS, gen, latents, layout_example, text
+from grc_jax.data.layout import gen, latents, one_per_row, text
 from grc_jax.data.schema import GRCRecord
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.model import forward
 from grc_jax.roles import GEN, TEXT
 from grc_jax.train.lora import model_params_of
 from grc_jax.train.losses import embed_from_pooled, pool_latents
-
-_ROW_BUCKET = 32
-
-
-def _bucket(n: int) -> int:
-    return max(_ROW_BUCKET, -(-n // _ROW_BUCKET) * _ROW_BUCKET)
-
-
-def _rows(laid: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One example per row, padded to a bucketed length (few distinct shapes to compile)."""
-    t = _bucket(max(len(e["tokens"]) for e in laid))
-    rows = {key: np.zeros((len(laid), t), np.int32) for key in ROW_KEYS}
-    for i, e in enumerate(laid):
-        n = len(e["tokens"])
-        for key in ("tokens", "block_ids", "roles", "positions"):
-            rows[key][i, :n] = e[key]
-        rows["segment_ids"][i, :n] = 1
-    return rows
 
 
 class Evaluator:
@@ -98,8 +80,7 @@ class Evaluator:
         k, mode = self.cfg.grc.num_latents, self.cfg.grc.memory_mode
 
         def run(chunk):
-            laid = [layout_example(e, k, mode) for e in chunk]
-            return np.asarray(self._embed(params, _rows(laid)))
+            return np.asarray(self._embed(params, one_per_row(chunk, k, mode)))
 
         return np.concatenate(self._batched(examples, run))
 
@@ -108,7 +89,7 @@ class Evaluator:
         including EOS (training lays out `reasoning ... eos` before the latents)."""
         outs = []
         for chunk in [prompts[i : i + self.bs] for i in range(0, len(prompts), self.bs)]:
-            t = _bucket(max(len(p) for p in chunk) + max_new)
+            t = -(-(max(len(p) for p in chunk) + max_new) // 32) * 32
             tokens = np.zeros((len(chunk), t), np.int32)
             lengths = np.array([len(p) for p in chunk])
             for i, p in enumerate(chunk):
@@ -158,7 +139,7 @@ class Evaluator:
                 ]
                 for d in chunk
             ]
-            rows = _rows([layout_example(e, k, mode) for e in exs])
+            rows = one_per_row(exs, k, mode)
             targets = np.zeros_like(rows["tokens"])
             targets[:, :-1] = rows["tokens"][:, 1:]
             weights = np.zeros(rows["tokens"].shape, np.float32)

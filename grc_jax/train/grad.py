@@ -23,6 +23,7 @@ from grc_jax.config import GRCConfig, ModelConfig
 from grc_jax.model import forward
 from grc_jax.train.lora import model_params_of
 from grc_jax.train.losses import (
+    combine_losses,
     grc_loss,
     rep_loss_from_embeddings,
     slot_embeddings,
@@ -101,15 +102,8 @@ def loss_and_grads(
     )
     # The temperature's gradient comes from pass 1 only (it does not enter the embeddings).
     grads = dict(grads, head=jax.tree.map(lambda a, b: a + w.rep * b, grads["head"], g_head))
-    l_gen, l_comp = gen_sum / gen_n, comp_sum / comp_n
-    loss = w.gen * l_gen + w.rep * l_rep + w.comp * l_comp
-    metrics = {
-        "loss/total": loss,
-        "loss/gen": l_gen,
-        "loss/rep": l_rep,
-        "loss/comp": l_comp,
-        "count/gen_tokens": jnp.sum(batch["gen_weights"]),
-        "count/comp_tokens": jnp.sum(batch["comp_weights"]),
-        "count/queries": rep_n,
-    }
+    loss, metrics = combine_losses(
+        grc, gen_sum, jnp.sum(batch["gen_weights"]), l_rep * rep_n, rep_n, comp_sum,
+        jnp.sum(batch["comp_weights"]),
+    )  # fmt: skip
     return loss, metrics, grads

@@ -157,6 +157,11 @@ def grc_loss(
     comp_sum, comp_n = token_cross_entropy(out.logits, batch["targets"], batch["comp_weights"])
     emb = slot_embeddings(params["head"], out.hidden, batch, grc)
     rep_sum, rep_n = rep_loss_from_embeddings(emb, params["head"], batch, grc)
+    return combine_losses(grc, gen_sum, gen_n, rep_sum, rep_n, comp_sum, comp_n)
+
+
+def combine_losses(grc: GRCConfig, gen_sum, gen_n, rep_sum, rep_n, comp_sum, comp_n):
+    """(total loss, metrics) from the three loss sums and their global counts."""
     l_gen = gen_sum / jnp.maximum(gen_n, 1.0)
     l_comp = comp_sum / jnp.maximum(comp_n, 1.0)
     l_rep = rep_sum / jnp.maximum(rep_n, 1.0)
