@@ -7,7 +7,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grc_jax.config import Config
@@ -46,18 +45,40 @@ def param_partition_specs(cfg: Config, params_shape: Any, mesh: Mesh) -> Any:
     return specs
 
 
+def _dict_path(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def opt_state_specs(opt_state_shape: Any, params_shape: Any, param_specs: Any) -> Any:
+    """PartitionSpecs for an optimizer state: a leaf whose dict-key path ends with a parameter's
+    path and whose shape equals that parameter's (AdamW moments, also inside `multi_transform`'s
+    per-label states) takes the parameter's spec; everything else (counts, scalars) replicates."""
+    by_path = {}
+    specs_flat = jax.tree_util.tree_flatten_with_path(
+        param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )[0]
+    shapes = dict(
+        (_dict_path(p), leaf.shape)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(params_shape)[0]
+    )
+    for path, spec in specs_flat:
+        by_path[_dict_path(path)] = (spec, shapes[_dict_path(path)])
+
+    def spec_for(path, leaf):
+        keys = _dict_path(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[1] == leaf.shape:
+                return hit[0]
+        return PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec_for, opt_state_shape)
+
+
 def state_shardings(cfg: Config, state_shape: TrainState, mesh: Mesh) -> TrainState:
     """NamedShardings for a TrainState: optimizer moments follow their parameters."""
     specs = param_partition_specs(cfg, state_shape.params, mesh)
-    optimizer = make_optimizer(cfg.train, state_shape.params)
-    opt_specs = optax.tree_map_params(
-        optimizer,
-        lambda _p, spec: spec,
-        state_shape.opt_state,
-        specs,
-        transform_non_params=lambda _: PartitionSpec(),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    opt_specs = opt_state_specs(state_shape.opt_state, state_shape.params, specs)
     to_named = lambda tree: jax.tree.map(  # noqa: E731
         lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )

@@ -119,3 +119,28 @@ def test_lora_merge_matches_dense_delta(scanned):
     delta = np.einsum("...ir,...ro->...io", f["a"], f["b"]).reshape(w.shape)
     got = layer(merged)["attn"]["o"]["kernel"]
     np.testing.assert_allclose(got, w + delta, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("extra", [{}, {"freeze_base": True}, {"lora_rank": 2}])
+def test_sharded_state_for_every_optimizer_variant(devices, extra):
+    """Optimizer moments take their parameter's sharding, also under multi_transform (frozen)."""
+    from jax.sharding import PartitionSpec
+
+    from grc_jax.config import MeshConfig
+    from grc_jax.sharding import make_mesh
+    from grc_jax.train.state import create_state
+
+    cfg = dataclasses.replace(
+        CFG, mesh=MeshConfig(data=2, fsdp=4, tensor=1), train=TrainConfig(**extra)
+    )
+    state, shardings = create_state(cfg, make_mesh(cfg.mesh), jax.random.key(0))
+    # The latent table trains in every variant; its spec is (None, "fsdp") on this mesh.
+    latent_spec = state.params["model"]["latents"].sharding.spec
+    assert latent_spec == PartitionSpec(None, "fsdp")
+    flat = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+    moments = [leaf for path, leaf in flat if jax.tree_util.keystr(path).endswith("['latents']")]
+    assert len(moments) == 2, "expected AdamW's two moments for the latent table"
+    for m in moments:
+        assert m.sharding.spec == latent_spec
+    frozen = [p for p, _ in flat if jax.tree_util.keystr(p).endswith("['embed']")]
+    assert bool(frozen) == (not extra), "frozen params must carry no optimizer moments"
