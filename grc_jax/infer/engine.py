@@ -34,13 +34,15 @@ from grc_jax.model.rope import inverse_frequencies
 from grc_jax.roles import LATENT, TEXT
 from grc_jax.train.lora import model_params_of
 from grc_jax.train.losses import embed_from_pooled, pool_latents
-from pallas_kernels.hybrid_paged_attention import rotate
+from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS, rotate
 
 GREEDY = SamplingParams()
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
+    """Sizes of the engine's fixed shapes (each compiles once) and the attention implementation."""
+
     page_size: int = 16
     n_pages: int = 512
     max_batch: int = 8
@@ -49,13 +51,29 @@ class EngineOptions:
     prefill_chunk: int = 64
     attention_impl: str = "auto"
 
+    def __post_init__(self):
+        for name in ("page_size", "n_pages", "max_batch", "max_seq_len", "max_memories",
+                     "prefill_chunk"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"EngineOptions.{name}: expected a positive integer, got {value!r}"
+                )
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"EngineOptions.attention_impl: expected one of {IMPLEMENTATIONS}, "
+                f"got {self.attention_impl!r}"
+            )
+
 
 @dataclasses.dataclass
 class Generation:
     tokens: list[int]
     text: str
     finish_reason: str  # "stop" (a stop token) or "length"
-    step_logits: list[np.ndarray] | None = None  # logits that chose each token, if requested
+    # Logits that chose each token, if requested; also those that chose a stop token that is
+    # not kept in `tokens` (so it may be one longer than `tokens`).
+    step_logits: list[np.ndarray] | None = None
 
 
 class Engine:
@@ -93,6 +111,11 @@ class Engine:
     def _rows(self, examples) -> dict[str, np.ndarray]:
         return one_per_row(examples, self.K, self.cfg.grc.memory_mode)
 
+    def _embedding_dim(self) -> int:
+        if "projection" in self.head:
+            return int(self.head["projection"].shape[1])
+        return self.cfg.model.d_model
+
     def _encode_text(self, s: str, what: str) -> list[int]:
         if not isinstance(s, str) or not s.strip():
             raise ValueError(f"{what}: expected non-empty text, got {s!r}")
@@ -110,6 +133,10 @@ class Engine:
         self, texts: list[str], self_reason: bool = False, max_reasoning: int = 32
     ) -> np.ndarray:
         """Unit-norm embeddings `[n, dim]`: `[TEXT bos text][(GEN reasoning)][LATENT x K]`."""
+        if isinstance(texts, str):
+            raise TypeError("embed: expected a list of texts, got one string")
+        if not texts:
+            return np.zeros((0, self._embedding_dim()), np.float32)
         prompts = [[self.tok.bos_id, *self._encode_text(t, "embed")] for t in texts]
         reasoning = [[] for _ in prompts]
         if self_reason:
@@ -229,7 +256,7 @@ class Engine:
         opts, n = self.opts, len(token_lists)
         if n > opts.max_batch:
             raise ValueError(f"{n} requests in one batch, the engine holds {opts.max_batch}")
-        width = opts.max_seq_len // opts.page_size
+        width = -(-opts.max_seq_len // opts.page_size)
         pages, tables = [], np.zeros((opts.max_batch, width), np.int32)
         lengths = [len(t) for t in token_lists]
         try:
@@ -369,5 +396,7 @@ class Engine:
 
     def generate(self, prompts: list[str], memories: list[list[LatentMemory]] | None = None,
                  **kwargs) -> list[Generation]:  # fmt: skip
+        if isinstance(prompts, str):
+            raise TypeError("generate: expected a list of prompts, got one string")
         ids = [[self.tok.bos_id, *self._encode_text(p, "generate")] for p in prompts]
         return self.generate_ids(ids, memories, **kwargs)

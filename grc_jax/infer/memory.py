@@ -31,8 +31,10 @@ def model_fingerprint(cfg: Config, params: Any) -> str:
     digest.update(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True).encode())
     digest.update(f"K={cfg.grc.num_latents};mode={cfg.grc.memory_mode}".encode())
     for leaf in jax.tree.leaves(params):
-        a = np.asarray(leaf, np.float32).ravel()
-        digest.update(a[:: max(1, a.size // 64)].tobytes())  # a sparse sample: cheap, stable
+        # A sparse sample taken on the device: cheap and stable, no host copy of the weights.
+        flat = jax.numpy.ravel(leaf)
+        sample = np.asarray(flat[:: max(1, flat.size // 64)], np.float32)
+        digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -103,6 +105,9 @@ class LatentMemory:
                 k, v = f.get_tensor("k"), f.get_tensor("v")
         except Exception as e:  # safetensors raises several types for foreign files
             raise ValueError(f"{path}: not a grc latent memory file ({e})") from None
+        missing = [k for k in ("model", "num_latents", "memory_mode") if k not in meta]
+        if meta.get("format") == "grc-latent-memory/1" and missing:
+            raise ValueError(f"{path}: latent memory file lacks metadata {missing}")
         if meta.get("format") != "grc-latent-memory/1":
             raise ValueError(
                 f"{path}: not a grc latent memory file (format {meta.get('format')!r})"

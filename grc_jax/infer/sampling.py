@@ -19,8 +19,8 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature: expected >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and self.temperature < float("inf")):
+            raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
