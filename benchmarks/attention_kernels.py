@@ -194,8 +194,8 @@ def run(cases: list[Case], dtype_name: str, repeats: int, interpret: bool) -> di
 
 def table(result: dict) -> str:
     lines = [
-        f"backend {result['backend']} ({result['device']}), jax {result['jax']}, {result['dtype']}, "
-        f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s",
+        f"backend {result['backend']} ({result['device']}), jax {result['jax']}, "
+        f"{result['dtype']}, copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s",
         "| model | batch | context | memories | impl | ms | GB/s | of copy bw |",
         "|---|---|---|---|---|---|---|---|",
     ]
