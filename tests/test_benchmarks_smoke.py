@@ -49,3 +49,28 @@ def test_train_throughput_quick(tmp_path):
     keys = {"tokens_per_s", "achieved_flops_per_s", "fraction_of_matmul", "step_time_s", "params"}
     assert keys <= set(r)
     assert r["tokens_per_s"] > 0 and r["fraction_of_matmul"] > 0
+
+
+def test_latent_memory_quick(tmp_path):
+    from benchmarks import latent_memory
+
+    out = tmp_path / "latent_memory.json"
+    latent_memory.main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "latent_memory"
+    assert MACHINE_KEYS <= set(saved["machine"])
+    c = saved["configs"]["tiny"]
+    assert {"params", "num_latents", "kv_bytes_per_token", "lengths"} <= set(c)
+    assert set(c["lengths"]) == {"256"}
+    k, per_token = c["num_latents"], c["kv_bytes_per_token"]
+    for n, r in c["lengths"].items():
+        assert {"ratio_time", "ratio_kv_bytes"} <= set(r) and r["ratio_time"] > 0
+        full, memory = r["modes"]["full"], r["modes"]["memory"]
+        for mode in (full, memory):
+            assert {"text_tokens", "memory_tokens", "kv_bytes", "ms_per_token"} <= set(mode)
+            assert mode["ms_per_token"] > 0 and mode["finite"]
+        # (a) reads the document and the question; (b) the question and one K-token memory.
+        q = saved["question_tokens"]
+        assert full["kv_bytes"] == (int(n) + q) * per_token
+        assert memory["kv_bytes"] == (q + k) * per_token
+        assert r["ratio_kv_bytes"] == full["kv_bytes"] / memory["kv_bytes"]

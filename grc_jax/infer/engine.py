@@ -29,7 +29,7 @@ from grc_jax.infer.cache import PagePool, block_table, empty_cache
 from grc_jax.infer.memory import LatentMemory, MemoryMismatchError, model_fingerprint
 from grc_jax.infer.paged import paged_forward
 from grc_jax.infer.sampling import SamplingParams, sample
-from grc_jax.model import forward
+from grc_jax.model import forward, unstack_layers
 from grc_jax.model.rope import inverse_frequencies
 from grc_jax.roles import LATENT, TEXT
 from grc_jax.train.lora import model_params_of
@@ -80,7 +80,15 @@ class Engine:
     def __init__(self, cfg: Config, params: dict[str, Any], tok: Tokenizer, opts=EngineOptions()):
         self.cfg, self.tok, self.opts = cfg, tok, opts
         self.K = cfg.grc.num_latents
-        self.model_params = model_params_of(params, cfg.model.scan_layers)
+        # Decoding slices each layer's weights every step: keep them per layer (unstacked once)
+        # rather than stacked, which XLA would copy per step; the engine's training-layout
+        # forward then runs unscanned too (same math, bit for bit under jit).
+        model_params = model_params_of(params, cfg.model.scan_layers)
+        if cfg.model.scan_layers:
+            model_params = unstack_layers(model_params, cfg.model.n_layers)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+            self.cfg = cfg
+        self.model_params = model_params
         self.head = params["head"]
         self.fingerprint = model_fingerprint(cfg, params)
         self.pool = PagePool(opts.n_pages, opts.page_size)

@@ -24,11 +24,22 @@ class MemoryMismatchError(ValueError):
 
 
 def model_fingerprint(cfg: Config, params: Any) -> str:
-    """Identifies the model that makes/reads memories: config shapes plus a digest of the params."""
+    """Identifies the model that makes/reads memories: architecture plus a digest of the params.
+
+    Execution options (compute dtype, remat, scanned layers) do not change which model it is: the
+    architecture digest leaves them out, and scanned (stacked) layers are digested per layer.
+    """
     import jax
 
+    from grc_jax.model import unstack_layers
+
+    arch = dataclasses.asdict(cfg.model)
+    for key in ("dtype", "remat_policy", "scan_layers"):
+        arch.pop(key)
+    if isinstance(params, dict) and "layers" in params.get("model", {}):
+        params = dict(params, model=unstack_layers(params["model"], cfg.model.n_layers))
     digest = hashlib.sha256()
-    digest.update(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True).encode())
+    digest.update(json.dumps(arch, sort_keys=True).encode())
     digest.update(f"K={cfg.grc.num_latents};mode={cfg.grc.memory_mode}".encode())
     for leaf in jax.tree.leaves(params):
         # A sparse sample taken on the device: cheap and stable, no host copy of the weights.

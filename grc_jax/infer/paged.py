@@ -30,17 +30,25 @@ def layer_params(params: Any, cfg: ModelConfig) -> list[Any]:
 
 
 def write_pages(
-    pages: Float[Array, "p s g d"],
+    pages: Float[Array, "*l p s g d"],
     new: Float[Array, "b c g d"],
     block_tables: Int[Array, "b np"],
     text_index: Int[Array, "b c"],
-) -> Float[Array, "p s g d"]:
-    """Scatter `new[b, i]` to text slot `text_index[b, i]` of sequence b (-1: not written)."""
-    page_size = pages.shape[1]
+    layer: int | None = None,
+) -> Float[Array, "*l p s g d"]:
+    """Scatter `new[b, i]` to text slot `text_index[b, i]` of sequence b (-1: not written).
+
+    With `layer`, `pages` is the whole `[L, n_pages, page_size, G, D]` cache and only that layer is
+    written: one scatter into the donated cache, updated in place rather than copied per step.
+    """
+    page_size = pages.shape[-3]
+    n_pages = pages.shape[-4]
     page = jnp.take_along_axis(block_tables, jnp.maximum(text_index, 0) // page_size, axis=1)
-    page = jnp.where(text_index >= 0, page, pages.shape[0])  # out of range: dropped
+    page = jnp.where(text_index >= 0, page, n_pages)  # out of range: dropped
     offset = jnp.maximum(text_index, 0) % page_size
-    return pages.at[page, offset].set(new.astype(pages.dtype), mode="drop")
+    if layer is None:
+        return pages.at[page, offset].set(new.astype(pages.dtype), mode="drop")
+    return pages.at[layer, page, offset].set(new.astype(pages.dtype), mode="drop")
 
 
 def paged_forward(
@@ -78,21 +86,20 @@ def paged_forward(
     cos, sin = rope_angles(positions, inv_freq)
     attn_mod, mlp_mod = Attention(cfg), MLP(cfg)
     norm = RMSNorm(cfg.rms_norm_eps, dtype=dtype)
-    new_k, new_v, ks, vs = [], [], [], []
+    k_cache, v_cache = cache["k"], cache["v"]
+    ks, vs = [], []
     for i, lp in enumerate(layer_params(params, cfg)):
         h = norm.apply({"params": lp["attn_norm"]}, x)
         q, k, v = attn_mod.apply({"params": lp["attn"]}, h, cos, sin, method=Attention.project)
-        k_pages = write_pages(cache["k"][i], k, block_tables, text_index)
-        v_pages = write_pages(cache["v"][i], v, block_tables, text_index)
+        k_cache = write_pages(k_cache, k, block_tables, text_index, layer=i)
+        v_cache = write_pages(v_cache, v, block_tables, text_index, layer=i)
         attended = hybrid_paged_attention(
-            q, text_index, k_pages, v_pages, block_tables, text_lengths,
+            q, text_index, k_cache[i], v_cache[i], block_tables, text_lengths,
             memories["k"][i], memories["v"][i], mem_tables, mem_counts,
             jnp.asarray(inv_freq), impl=attention_impl,
         )  # fmt: skip
         x = x + attn_mod.apply({"params": lp["attn"]}, attended, method=Attention.output)
         x = x + mlp_mod.apply({"params": lp["mlp"]}, norm.apply({"params": lp["mlp_norm"]}, x))
-        new_k.append(k_pages)
-        new_v.append(v_pages)
         ks.append(k)
         vs.append(v)
     hidden = norm.apply({"params": params["final_norm"]}, x)
@@ -100,5 +107,5 @@ def paged_forward(
         logits = jnp.einsum("btd,vd->btv", hidden, params["embed"].astype(dtype))
     else:
         logits = jnp.einsum("btd,dv->btv", hidden, params["lm_head"]["kernel"].astype(dtype))
-    cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+    cache = {"k": k_cache, "v": v_cache}
     return logits.astype(jnp.float32), hidden, cache, (jnp.stack(ks), jnp.stack(vs))

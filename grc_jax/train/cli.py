@@ -20,13 +20,44 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
 
+def _distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-process (jax.distributed)",
+        "Several processes, one per host, train one model together. On a Cloud TPU pod they are "
+        "detected automatically; elsewhere give all three flags (or JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID). See docs/multihost.md.",
+    )
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    g.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1")
+    g.add_argument("--no-distributed", action="store_true", help="single process, even on a TPU VM")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    _distributed_args(p)
+
+
 def _train(args: argparse.Namespace) -> int:
+    from grc_jax import distributed
     from grc_jax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    # Before anything touches a JAX device: jax.distributed refuses to start after that.
+    plan = distributed.initialize(
+        distributed.plan(
+            args.coordinator, args.num_processes, args.process_id, not args.no_distributed
+        )
+    )
+    import jax
+
     from grc_jax.train.checkpoint import CheckpointError
     from grc_jax.train.loop import NonFiniteLossError, run_dir, summary_table, train
 
-    cfg = load_config(args.config, args.overrides)
-    print(f"run directory: {run_dir(cfg)}")
+    if plan.mode != "single":
+        print(f"{distributed.describe()} ({plan.source})", flush=True)
+    if jax.process_index() == 0:
+        print(f"run directory: {run_dir(cfg)}")
     try:
         result = train(cfg, max_steps=args.stop_after)
     except (NonFiniteLossError, CheckpointError) as e:
@@ -77,5 +108,5 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
 
 
-add_command("train", "train (or resume) a GRC model from a YAML config", _config_args, _train)
+add_command("train", "train (or resume) a GRC model from a YAML config", _train_args, _train)
 add_command("eval", "evaluate a run's checkpoint on held-out data (JSON)", _eval_args, _eval)

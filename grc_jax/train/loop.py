@@ -64,6 +64,40 @@ def prepare_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
     return tok
 
 
+def _shared_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
+    """`prepare_tokenizer` with several processes: process 0 trains and writes the model first;
+    the others then load it (or, without a shared filesystem, train the same one: deterministic),
+    so no two processes write the same file at once."""
+    if jax.process_count() == 1:
+        return prepare_tokenizer(cfg, directory)
+    from jax.experimental.multihost_utils import sync_global_devices
+
+    tok = prepare_tokenizer(cfg, directory) if jax.process_index() == 0 else None
+    sync_global_devices("grc_jax: tokenizer ready")
+    return tok if tok is not None else prepare_tokenizer(cfg, directory)
+
+
+def _eval_params(params: Any) -> Any:
+    """Parameters that process 0 can evaluate alone. Call on every process: with several, the
+    sharded arrays are gathered to host memory (a collective), so the evaluation that follows on
+    process 0 issues no collective the other processes would have to join."""
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental.multihost_utils import process_allgather
+
+    return process_allgather(params, tiled=True)
+
+
+def _global_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """The global batch (identical on every process) as sharded arrays: each process places only
+    the rows that its own devices hold."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        batch,
+        shardings,
+    )
+
+
 class Logger:
     """TensorBoard scalars (process 0 only; tensorboardX imported lazily: it may import torch)."""
 
@@ -111,12 +145,14 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
     is_main = jax.process_index() == 0
     if is_main:
         save_config(cfg, directory / "config.yaml")
-    tok = prepare_tokenizer(cfg, directory)
+    tok = _shared_tokenizer(cfg, directory)
     mesh = make_mesh(cfg.mesh)
     state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed), _load_init(cfg))
-    ds, parser = train_dataset(
-        cfg, tok, open_source(cfg.data.train_path), jax.process_index(), jax.process_count()
-    )
+    # Every process reads the same record stream and packs the same global batch, then places
+    # only its devices' rows (`_global_batch`). The batches, and the one data-iterator state that
+    # is checkpointed, are then the same for any number of processes: a run resumes exactly on a
+    # slice of another size, and N processes compute what one process with as many devices does.
+    ds, parser = train_dataset(cfg, tok, open_source(cfg.data.train_path))
     data_iter = iter(ds)
     ckpts = RunCheckpoints(directory / "checkpoints", cfg.train.keep_checkpoints)
     start = 0
@@ -130,7 +166,7 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
     if ckpts.latest_step() is not None:
         state, data_state, start = ckpts.restore(None, state)
         data_iter.set_state(data_state)
-        if not quiet:
+        if not quiet and is_main:
             print(f"resumed {directory} at step {start}")
 
     evaluator = Evaluator(cfg, tok, _records(cfg.data.eval_path, cfg.train.eval_queries))
@@ -138,17 +174,19 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
     eval_dir.mkdir(exist_ok=True)
     logger = Logger(directory / "tb", is_main)
     untrained_file = eval_dir / "untrained.json"
-    if start == 0 and is_main:
-        untrained = evaluator.run(state.params)
-        untrained_file.write_text(json.dumps(untrained, indent=2))
-        logger.scalars(0, {f"eval/{k}": v for k, v in untrained.items()})
+    if start == 0:
+        params = _eval_params(state.params)
+        if is_main:
+            untrained = evaluator.run(params)
+            untrained_file.write_text(json.dumps(untrained, indent=2))
+            logger.scalars(0, {f"eval/{k}": v for k, v in untrained.items()})
 
     first = next(data_iter)
     bsh = batch_shardings(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first), mesh
     )
     step_fn = make_train_step(cfg, mesh, shardings, bsh)
-    flops_per_step = train_flops_per_step(cfg, first["tokens"].shape[0] * jax.process_count())
+    flops_per_step = train_flops_per_step(cfg, first["tokens"].shape[0])
     peak = measure_matmul_flops(mesh)
     end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
     bar = tqdm(total=end, initial=start, disable=quiet or not is_main, desc="train", unit="step")
@@ -160,15 +198,15 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
         while step < end:
             batch = pending if pending is not None else next(data_iter)
             pending = None
-            tokens_since += int(np.sum(batch["segment_ids"] != 0)) * jax.process_count()
-            global_batch = jax.tree.map(
-                lambda x, s: jax.make_array_from_process_local_data(s, x), batch, bsh
-            )
-            state, metrics = step_fn(state, global_batch)
+            tokens_since += int(np.sum(batch["segment_ids"] != 0))
+            state, metrics = step_fn(state, _global_batch(batch, bsh))
             step += 1
             steps_since += 1
             is_log = step % cfg.train.log_every == 0 or step == end
-            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == end
+            # A preemption notice (SIGTERM to any process, with jax.distributed) makes all
+            # processes agree on a step to checkpoint at, then stop; rerunning resumes there.
+            preempted = ckpts.manager.reached_preemption(step)
+            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == end or preempted
             if is_log or is_ckpt:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not math.isfinite(m["loss/total"]) or m["params_finite"] != 1.0:
@@ -196,18 +234,25 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
             bar.update(1)
             if is_ckpt:
                 ckpts.save(step, state, data_iter.get_state())
-            if step % cfg.train.eval_every == 0 and step != end and is_main:
-                ev = evaluator.run(state.params)
-                (eval_dir / f"step_{step}.json").write_text(json.dumps(ev, indent=2))
-                logger.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
+            if preempted:
+                if is_main:
+                    print(f"preemption notice: saved checkpoint {step}, stopping", flush=True)
+                break
+            if step % cfg.train.eval_every == 0 and step != end:
+                params = _eval_params(state.params)
+                if is_main:
+                    ev = evaluator.run(params)
+                    (eval_dir / f"step_{step}.json").write_text(json.dumps(ev, indent=2))
+                    logger.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
     finally:
         bar.close()
         ckpts.close()
         logger.close()
 
     result: dict[str, Any] = {"step": step, "bad_lines_skipped": parser.bad_lines}
+    params = _eval_params(state.params) if step == cfg.train.steps else None
     if step == cfg.train.steps and is_main:
-        final = evaluator.run(state.params)
+        final = evaluator.run(params)
         (eval_dir / "final.json").write_text(json.dumps(final, indent=2))
         logger = Logger(directory / "tb", True)
         logger.scalars(step, {f"eval/{k}": v for k, v in final.items()})

@@ -365,3 +365,25 @@ def test_request_of_max_seq_len_fits_when_page_size_does_not_divide_it(cfg_ind, 
 def test_embed_of_no_texts_is_empty(engine):
     assert engine.compress([]) == [] and engine.generate([]) == []
     assert engine.embed([]).shape[0] == 0
+
+
+def test_scanned_checkpoint_serves_like_unscanned(cfg_ind, params, tok, engine, compressed):
+    """A scan_layers model (stacked weights) decodes exactly as its per-layer twin, and reads the
+    same memories (the engine unstacks once instead of slicing weights every step)."""
+    import dataclasses
+
+    from grc_jax.model import stack_layers
+
+    cfg_scan = dataclasses.replace(
+        cfg_ind, model=dataclasses.replace(cfg_ind.model, scan_layers=True)
+    )
+    stacked = dict(params, model=stack_layers(params["model"], cfg_ind.model.n_layers))
+    scan_engine = Engine(cfg_scan, stacked, tok, OPTS)
+    mems = [[m for m, _ in compressed[:2]]]
+    want = engine.generate(["where"], mems, max_new_tokens=4, stop_tokens=(), return_logits=True)
+    got = scan_engine.generate(
+        ["where"], mems, max_new_tokens=4, stop_tokens=(), return_logits=True
+    )
+    assert got[0].tokens == want[0].tokens
+    for a, b in zip(want[0].step_logits, got[0].step_logits):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)

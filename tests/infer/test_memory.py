@@ -128,3 +128,17 @@ def test_load_with_incomplete_metadata_names_the_file(tmp_path):
     save_file({"k": a, "v": a}, str(path), {"format": "grc-latent-memory/1"})
     with pytest.raises(ValueError, match="partial.safetensors"):
         LatentMemory.load(path)
+
+
+def test_fingerprint_ignores_execution_options(params):
+    """The same weights, scanned or not, in another compute dtype: the same model."""
+    import dataclasses
+
+    from grc_jax.model import stack_layers
+
+    cfg = make_config("independent")
+    scanned = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, scan_layers=True, dtype="bfloat16")
+    )
+    stacked = dict(params, model=stack_layers(params["model"], cfg.model.n_layers))
+    assert model_fingerprint(scanned, stacked) == model_fingerprint(cfg, params)
