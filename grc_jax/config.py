@@ -216,6 +216,7 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    export_every: int = 0  # write <run>/export/step_<n>/ (a HF directory) every n steps; 0: off
     eval_queries: int = 200  # held-out queries per evaluation (its corpus: their documents)
     # auto: resume from the newest checkpoint of the run if there is one; required: fail without
     # one; never: fail if the run already has checkpoints.
@@ -241,6 +242,12 @@ class TrainConfig:
             self.microbatches > 0, f"{key}.microbatches", "a positive integer", self.microbatches
         )
         _check(self.lora_rank >= 0, f"{key}.lora_rank", "a non-negative integer", self.lora_rank)
+        _check(
+            self.export_every >= 0,
+            f"{key}.export_every",
+            "a non-negative integer (0: no periodic export)",
+            self.export_every,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

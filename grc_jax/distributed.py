@@ -46,14 +46,23 @@ def _int(value: str | int | None, name: str) -> int | None:
         raise DistributedConfigError(f"{name} must be an integer, got {value!r}") from None
 
 
-def on_tpu_vm(environ: Mapping[str, str] = os.environ) -> bool:
-    """A TPU host: GKE's worker list, or libtpu installed with TPU chips visible (v4: /dev/accel*,
-    v5+: /dev/vfio/N). Checked without starting JAX (no metadata-server query off TPU)."""
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips on the PCI bus, as JAX's own TPU detection reads them
+
+
+def on_tpu_vm(environ: Mapping[str, str] = os.environ, sysfs: str = "/sys/bus/pci/devices") -> bool:
+    """A TPU host: GKE's worker list, or libtpu installed with TPU chips on the PCI bus. Checked
+    without starting JAX, and without querying the TPU metadata server (absent off Google Cloud)."""
     if environ.get("TPU_WORKER_HOSTNAMES"):
         return True
     if importlib.util.find_spec("libtpu") is None:
         return False
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    for vendor in glob.glob(os.path.join(sysfs, "*", "vendor")):
+        try:
+            if open(vendor).read().strip() == _GOOGLE_PCI_VENDOR:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def plan(

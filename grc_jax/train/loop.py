@@ -146,6 +146,10 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
     if is_main:
         save_config(cfg, directory / "config.yaml")
     tok = _shared_tokenizer(cfg, directory)
+    if cfg.train.export_every:  # refuse a model HF cannot express now, not after N steps
+        from grc_jax.convert.export import check_exportable
+
+        check_exportable(cfg.model)
     mesh = make_mesh(cfg.mesh)
     state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed), _load_init(cfg))
     # Every process reads the same record stream and packs the same global batch, then places
@@ -169,7 +173,10 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
         if not quiet and is_main:
             print(f"resumed {directory} at step {start}")
 
-    evaluator = Evaluator(cfg, tok, _records(cfg.data.eval_path, cfg.train.eval_queries))
+    # Only process 0 evaluates (parameters gathered to it), so only it reads data.eval_path.
+    evaluator: Any = None
+    if is_main:
+        evaluator = Evaluator(cfg, tok, _records(cfg.data.eval_path, cfg.train.eval_queries))
     eval_dir = directory / "eval"
     eval_dir.mkdir(exist_ok=True)
     logger = Logger(directory / "tb", is_main)
@@ -234,6 +241,10 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
             bar.update(1)
             if is_ckpt:
                 ckpts.save(step, state, data_iter.get_state())
+            if cfg.train.export_every and step % cfg.train.export_every == 0:
+                from grc_jax.convert.export import export_during_training
+
+                export_during_training(cfg, state.params, tok, directory, step)  # process 0 writes
             if preempted:
                 if is_main:
                     print(f"preemption notice: saved checkpoint {step}, stopping", flush=True)

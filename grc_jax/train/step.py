@@ -61,4 +61,5 @@ def make_train_step(
         with activation_sharding(mesh):
             return jitted(state, batch)
 
+    run.jitted = jitted  # for ahead-of-time lowering (`grc aot`), inside `activation_sharding`
     return run

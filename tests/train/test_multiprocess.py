@@ -3,9 +3,11 @@ process with 8 devices, write one set of outputs, and resume from the checkpoint
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,35 +46,27 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _train_two_processes(overrides: list[str], *extra: str) -> list[str]:
-    """`grc train` as processes 0 and 1 of 2 (4 CPU devices each); returns their stdouts."""
+def _start_two_processes(overrides: list[str], *extra: str) -> list[subprocess.Popen]:
+    """`grc train` as processes 0 and 1 of 2, with 4 CPU devices each."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [
+    distributed = ["--coordinator", coordinator, "--num-processes", "2"]
+    command = [sys.executable, "-m", "grc_jax.cli", "train", "--config", "configs/tiny.yaml"]
+    return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "grc_jax.cli",
-                "train",
-                "--config",
-                "configs/tiny.yaml",
-                "--coordinator",
-                coordinator,
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-                *extra,
-                *overrides,
-            ],
+            [*command, *distributed, "--process-id", str(i), *extra, *overrides],
             cwd=ROOT,
             env=_env(4),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
+    """Wait for both processes (killing them on timeout); their stdouts, or the test fails with
+    both processes' output."""
     outs = []
     try:
         for p in procs:
@@ -85,6 +79,10 @@ def _train_two_processes(overrides: list[str], *extra: str) -> list[str]:
     if any(p.returncode != 0 for p in procs):
         pytest.fail(_report("failed", procs, outs))
     return [o[0] for o in outs]
+
+
+def _train_two_processes(overrides: list[str], *extra: str) -> list[str]:
+    return _finish(_start_two_processes(overrides, *extra))
 
 
 def _report(what: str, procs, outs) -> str:
@@ -135,6 +133,29 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     assert losses[5] < losses[1]
 
 
+def test_sigterm_to_one_process_checkpoints_all_at_a_common_step(tmp_path):
+    """A preemption notice (SIGTERM) to any process: all agree on the next step, save it, exit."""
+    data = tmp_path / "data"
+    synthesize(data, seed=0, queries_per_doc=1)
+    run = tmp_path / "pre"
+    overrides = [*TINY, "train.steps=200", "train.checkpoint_every=100",
+                 f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/validation.jsonl",
+                 f"train.output_dir={tmp_path}", "train.run_name=pre"]  # fmt: skip
+    procs = _start_two_processes(overrides)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = _finish(procs)
+    steps = RunCheckpoints(run / "checkpoints", 3).all_steps()
+    assert len(steps) == 1 and 1 <= steps[0] < 100, steps
+    assert f"preemption notice: saved checkpoint {steps[0]}, stopping" in outs[0]
+    assert sorted(_losses(run)) == list(range(1, steps[0] + 1))
+
+
 def test_plan_sources_and_errors():
     assert plan(environ={}).mode == "single"
     assert plan(environ={}, enabled=False).mode == "single"
@@ -154,3 +175,17 @@ def test_plan_sources_and_errors():
         plan("localhost", 2, 0, environ={})
     with pytest.raises(DistributedConfigError, match="JAX_NUM_PROCESSES must be an integer"):
         plan(environ={"JAX_NUM_PROCESSES": "two"})
+
+
+def test_tpu_vm_detection_reads_the_pci_bus(tmp_path, monkeypatch):
+    from grc_jax import distributed
+
+    (tmp_path / "0000:00:04.0").mkdir()
+    (tmp_path / "0000:00:04.0/vendor").write_text("0x8086\n")
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: object())
+    assert not distributed.on_tpu_vm({}, str(tmp_path))
+    (tmp_path / "0000:00:05.0").mkdir()
+    (tmp_path / "0000:00:05.0/vendor").write_text("0x1ae0\n")  # a TPU chip
+    assert distributed.on_tpu_vm({}, str(tmp_path))
+    monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
+    assert not distributed.on_tpu_vm({}, str(tmp_path))  # no libtpu: JAX could not use it

@@ -21,9 +21,7 @@ CFG = Config(model=MODEL, grc=GRCConfig(num_latents=2))
 
 
 def _paths(tree):
-    return {
-        jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_schedule_warmup_then_cosine_to_floor():
@@ -91,8 +89,10 @@ def test_lora_starts_at_base_and_trains_only_factors():
     for key in before:
         changed = not np.array_equal(np.asarray(before[key]), np.asarray(after[key]))
         should = (
-            key.startswith("['lora']") and key.endswith("['b']")
-            or key.startswith("['lora']") and key.endswith("['a']")
+            key.startswith("['lora']")
+            and key.endswith("['b']")
+            or key.startswith("['lora']")
+            and key.endswith("['a']")
             or "['latents']" in key
             or key.startswith("['head']")
         )
