@@ -41,6 +41,7 @@ import numpy as np
 import grc_jax
 from grc_jax.config import Config, ModelConfig
 from grc_jax.convert.hf_config import hf_config_from_model
+from grc_jax.convert.hf_import import TOKENIZER_FILES
 from grc_jax.convert.param_map import params_to_hf
 
 EXPORT_FORMAT = "grc-export/1"
@@ -54,18 +55,8 @@ GRC_CLASSES = {
     "qwen2": "GRCQwen2ForCausalLM",
     "qwen3": "GRCQwen3ForCausalLM",
 }
-# Tokenizer files copied from a HF tokenizer's directory, when present.
-HF_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+# Tokenizer files copied from a HF tokenizer's directory, when present (the import's list).
+HF_TOKENIZER_FILES = TOKENIZER_FILES
 _FIXED_OUTPUTS = (
     "config.json",
     "generation_config.json",

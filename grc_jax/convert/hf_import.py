@@ -30,6 +30,7 @@ from grc_jax.config import Config, config_from_dict, load_config, save_config
 from grc_jax.convert.hf_config import model_config_from_hf
 from grc_jax.convert.param_map import hf_to_params
 
+# A HF tokenizer's files (copied on import and on export when present).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -38,9 +39,11 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
-    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
-_OUTPUTS = ("config.yaml", "params", "import_info.json", *TOKENIZER_FILES)
+_COPIED = (*TOKENIZER_FILES, "generation_config.json")
+_OUTPUTS = ("config.yaml", "params", "import_info.json", *_COPIED)
 
 # safetensors dtype -> numpy dtype (bfloat16 and float8 through ml_dtypes, which JAX ships).
 _SAFETENSORS_DTYPES = {
@@ -231,7 +234,7 @@ def import_checkpoint(
 
         copied = save_tokenizer(meta, out)
     else:
-        copied = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+        copied = [f for f in _COPIED if (src / f).is_file()]
         for f in copied:
             shutil.copyfile(src / f, out / f)
     info = {
