@@ -103,10 +103,12 @@ class Engine:
         )
         self.mem_pool = {"k": jnp.zeros(mem_shape), "v": jnp.zeros(mem_shape)}
         self._inv_freq = jnp.asarray(inverse_frequencies(m))
-        step = lambda cache, mem, *a: paged_forward(  # noqa: E731
-            self.model_params, m, self.K, cache, mem, *a, attention_impl=opts.attention_impl
+        # The weights are an argument, not a closure: closed-over arrays would be baked into the
+        # compiled program as constants (a second copy of the model, and a slow compile).
+        step = lambda params, cache, mem, *a: paged_forward(  # noqa: E731
+            params, m, self.K, cache, mem, *a, attention_impl=opts.attention_impl
         )
-        self._step = jax.jit(step, donate_argnums=(0,))
+        self._step = jax.jit(step, donate_argnums=(1,))
         self._sample = jax.jit(sample)
 
         def train_forward(p, batch):
@@ -306,6 +308,7 @@ class Engine:
                 idx[b, : len(seg)] = np.arange(c0, c0 + len(seg))
             text_lengths = np.minimum(lens, c0 + c)
             logits, hidden, self.cache, (k, v) = self._step(
+                self.model_params,
                 self.cache, self.mem_pool, tok, rol, starts[:, None] + np.maximum(idx, 0), idx,
                 tables, text_lengths, mem_tables, mem_counts,
             )  # fmt: skip
@@ -367,6 +370,7 @@ class Engine:
             rol = np.where(active, TEXT, 0)[:, None].astype(np.int32)
             cur = np.where(active, cur + 1, cur)
             lg, _, self.cache, _ = self._step(
+                self.model_params,
                 self.cache, self.mem_pool, tok, rol, (starts + np.maximum(idx[:, 0], 0))[:, None],
                 idx, tables, cur.astype(np.int32), mem_tables, mem_counts,
             )  # fmt: skip
