@@ -56,11 +56,11 @@ from benchmarks.common import (
     median,
     write_json,
 )
-from grc_jax.config import Config, ModelConfig, load_config
+from grc_jax.core.config import Config, ModelConfig, load_config
+from grc_jax.core.roles import TEXT
 from grc_jax.infer.cache import PagePool, block_table
 from grc_jax.infer.paged import paged_forward
 from grc_jax.model import init_params
-from grc_jax.roles import TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("full", "memory")

@@ -51,7 +51,8 @@ from benchmarks.common import (
     median,
     write_json,
 )
-from grc_jax.config import Config, load_config
+from grc_jax.core.config import Config, load_config
+from grc_jax.core.sharding import make_mesh
 from grc_jax.data.layout import gen, latents, layout_example, text
 from grc_jax.data.pipeline import (
     DOC,
@@ -66,7 +67,6 @@ from grc_jax.data.pipeline import (
 )
 from grc_jax.data.schema import GRCRecord
 from grc_jax.data.tokenizer import Tokenizer
-from grc_jax.sharding import make_mesh
 from grc_jax.train.flops import forward_flops
 from grc_jax.train.state import create_state
 from grc_jax.train.step import batch_shardings, make_train_step

@@ -41,11 +41,11 @@ from benchmarks.common import (
     median,
     write_json,
 )
-from grc_jax.config import Config, load_config
+from grc_jax.core.config import Config, load_config
+from grc_jax.core.roles import GEN, TEXT
+from grc_jax.core.sharding import make_mesh
 from grc_jax.data.pipeline import BatchBuilder, loss_targets, make_group, slots_per_row
 from grc_jax.data.tokenizer import Tokenizer
-from grc_jax.roles import GEN, TEXT
-from grc_jax.sharding import make_mesh
 from grc_jax.train.flops import measure_matmul_flops, train_flops_per_step
 from grc_jax.train.state import create_state
 from grc_jax.train.step import batch_shardings, make_train_step
@@ -97,7 +97,7 @@ class Bench:
         self.step_fn = make_train_step(cfg, mesh, shardings, bsh)
         self.batch = jax.device_put(batch, bsh)
         self.tokens = int(np.sum(batch["segment_ids"] != 0))
-        self.params = sum(x.size for x in jax.tree.leaves(self.state.params["model"]))
+        self.params = sum(x.size for x in jax.tree.leaves(self.state.params.model))
         self.loss = float("nan")
 
     def step(self) -> None:

@@ -23,7 +23,7 @@ def add_command(
 
 def _load_subcommands() -> None:
     # Imported for their `_COMMANDS` registrations; kept lazy so `grc --help` stays fast.
-    from grc_jax import aot as _aot  # noqa: F401
+    from grc_jax.train import aot as _aot  # noqa: F401
     from grc_jax.convert import cli as _convert_cli  # noqa: F401
     from grc_jax.convert import export_cli as _export_cli  # noqa: F401
     from grc_jax.data import cli as _data_cli  # noqa: F401
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (help_text, add_arguments, _run) in sorted(_COMMANDS.items()):
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    from grc_jax.config import ConfigError
+    from grc_jax.core.config import ConfigError
 
     try:
         return _COMMANDS[args.command][2](args)

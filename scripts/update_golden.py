@@ -1,7 +1,7 @@
 """Rewrite tests/golden/param_specs_*.json: the reviewed PartitionSpec of every parameter.
 
 The only way golden files change: run `make golden`, then read the printed diff (and `git diff`)
-before committing. The tables come from `grc_jax.sharding_report`, as in `tests/test_sharding.py`.
+before committing. The tables come from `grc_jax.model.sharding_report`, as in `tests/test_sharding.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ GOLDEN_DIR = ROOT / "tests" / "golden"
 def main() -> int:
     import json
 
-    from grc_jax.sharding_report import GOLDEN_CONFIGS, diff_documents, dumps, golden_document
+    from grc_jax.model.sharding_report import GOLDEN_CONFIGS, diff_documents, dumps, golden_document
 
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     os.chdir(ROOT)  # the documents record config paths relative to the repository root

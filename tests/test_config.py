@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from grc_jax.config import (
+from grc_jax.core.config import (
     Config,
     ConfigError,
     config_from_dict,

@@ -187,7 +187,7 @@ def test_run_status_stop_on_a_fake_worker(fake_pod, tmp_path):
     r = _sh("run", *common, "--no-install", "--run-name", "r1", "--", "train.steps=7", env=env)
     assert r.returncode == 0, r.stderr
     assert (home / "grc-jax/launch/tpu_run.sh").is_file()  # the working tree was copied
-    assert (home / "grc-jax/grc_jax/distributed.py").is_file()
+    assert (home / "grc-jax/grc_jax/core/distributed.py").is_file()
     assert not (home / "grc-jax/.git").exists() and not (home / "grc-jax-src.tgz").exists()
     log = home / "grc-jax/logs/train.log"
     for _ in range(100):

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from grc_jax.config import MeshConfig, load_config
-from grc_jax.model.transformer import abstract_params, forward, init_params
-from grc_jax.roles import GEN, LATENT, PAD, TEXT
-from grc_jax.sharding import (
+from grc_jax.core.config import MeshConfig, load_config
+from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
+from grc_jax.core.sharding import (
     LOGICAL_AXIS_RULES,
     MESH_AXES,
     ShardingRuleError,
@@ -34,7 +33,13 @@ from grc_jax.sharding import (
     param_specs,
     rules_dict,
 )
-from grc_jax.sharding_report import GOLDEN_CONFIGS, GOLDEN_MESHES, diff_documents, golden_document
+from grc_jax.model.sharding_report import (
+    GOLDEN_CONFIGS,
+    GOLDEN_MESHES,
+    diff_documents,
+    golden_document,
+)
+from grc_jax.model.transformer import abstract_params, forward, init_params
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
@@ -372,7 +377,7 @@ def test_scanned_params_have_a_replicated_layer_axis_and_match_unsharded(devices
      ((-2, 1, 1), "'mesh.data': expected a positive integer or -1")],
 )  # fmt: skip
 def test_make_mesh_rejects_invalid_config(devices, shape, needle):
-    from grc_jax.config import ConfigError
+    from grc_jax.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(needle)):
         make_mesh(MeshConfig(*shape))

@@ -38,11 +38,15 @@ from typing import Any
 import numpy as np
 
 import grc_jax
-from grc_jax.config import Config, ModelConfig
-from grc_jax.convert.export_tokenizer import ExportError, tokenizer_files
+from grc_jax.checkpoints import checkpoint_steps, load_model
+from grc_jax.convert.export_tokenizer import tokenizer_files
 from grc_jax.convert.hf_config import hf_config_from_model
-from grc_jax.convert.hf_import import TOKENIZER_FILES
+from grc_jax.convert.hf_import import TOKENIZER_FILES, load_hf_dir, read_safetensors
 from grc_jax.convert.param_map import params_to_hf
+from grc_jax.core.config import Config, ModelConfig
+from grc_jax.core.errors import ExportError
+from grc_jax.infer.memory import model_fingerprint
+from grc_jax.model.params import GRCParams
 
 EXPORT_FORMAT = "grc-export/1"
 GRC_CONFIG = "grc_config.json"
@@ -55,8 +59,6 @@ GRC_CLASSES = {
     "qwen2": "GRCQwen2ForCausalLM",
     "qwen3": "GRCQwen3ForCausalLM",
 }
-# Tokenizer files copied from a HF tokenizer's directory, when present (the import's list).
-HF_TOKENIZER_FILES = TOKENIZER_FILES
 _FIXED_OUTPUTS = (
     "config.json",
     "generation_config.json",
@@ -65,7 +67,7 @@ _FIXED_OUTPUTS = (
     "model.safetensors",
     "model.safetensors.index.json",
     "grc",
-    *HF_TOKENIZER_FILES,
+    *TOKENIZER_FILES,  # copied from a HF tokenizer's directory, when present
 )
 
 
@@ -192,13 +194,11 @@ def hf_config_dict(cfg: Config, dtype: str, special: Mapping[str, int]) -> dict[
 
 
 def grc_config_dict(
-    cfg: Config, params: Mapping[str, Any], dtype: str, special: Mapping[str, int],
+    cfg: Config, params: GRCParams, dtype: str, special: Mapping[str, int],
     fingerprint: str, source: Mapping[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
-    head = params.get("head", {})
-    temperature = cfg.grc.temperature
-    if "log_temperature" in head:
-        temperature = float(np.exp(np.asarray(head["log_temperature"], np.float64)))
+    head = params.head
+    temperature = float(np.exp(np.asarray(head.log_temperature, np.float64)))
     m = cfg.model
     return {
         "format": EXPORT_FORMAT,
@@ -206,8 +206,8 @@ def grc_config_dict(
         "num_latents": cfg.grc.num_latents,
         "memory_mode": cfg.grc.memory_mode,
         "pooling": cfg.grc.pooling,
-        "projection_dim": int(head["projection"].shape[1]) if "projection" in head else None,
-        "embedding_dim": int(head["projection"].shape[1]) if "projection" in head else m.d_model,
+        "projection_dim": head.dim,
+        "embedding_dim": head.dim or m.d_model,
         "temperature": temperature,
         "learnable_temperature": cfg.grc.learnable_temperature,
         "rope": {
@@ -291,7 +291,7 @@ def _install(tmp: Path, out: Path) -> None:
 
 def export_params(
     cfg: Config,
-    params: Mapping[str, Any],
+    params: GRCParams,
     tok: Any,
     out: str | Path,
     dtype: str = "fp32",
@@ -307,8 +307,6 @@ def export_params(
     `ValueError`) for what HF cannot express and `FileExistsError` for a non-empty `out` without
     `force`, before anything is written.
     """
-    from grc_jax.infer.memory import model_fingerprint
-    from grc_jax.train.lora import model_params_of
 
     out = Path(out)
     hf_dtype = export_dtype(dtype)
@@ -316,21 +314,19 @@ def export_params(
     check_output(out, force)
     if max_shard_bytes <= 0:
         raise ExportError(f"max_shard_bytes: expected a positive size, got {max_shard_bytes}")
+    if not isinstance(params, GRCParams):
+        raise ExportError(f"expected GRCParams (model, head, lora), got {type(params).__name__}")
     params = _to_numpy(params)
-    if "model" not in params or "head" not in params:
-        raise ExportError(f"expected train params with 'model' and 'head', got {sorted(params)}")
     if tok.vocab_size > cfg.model.vocab_size:
         raise ExportError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
         )
-    model_params = _to_numpy(model_params_of(params, cfg.model.scan_layers))
+    model_params = _to_numpy(params.merged(cfg.model.scan_layers))
     hf = params_to_hf(model_params, cfg.model)
     tensors = {name: _cast(name, value, hf_dtype) for name, value in hf.items()}
     grc_tensors = {"latents": _cast("latents", np.asarray(model_params["latents"]), hf_dtype)}
-    if "projection" in params["head"]:
-        grc_tensors["projection"] = _cast(
-            "head/projection", params["head"]["projection"], "float32"
-        )
+    if params.head.projection is not None:
+        grc_tensors["projection"] = _cast("head/projection", params.head.projection, "float32")
     special = {
         "bos_token_id": int(tok.bos_id),
         "eos_token_id": int(tok.eos_id),
@@ -419,8 +415,6 @@ def export_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> ExportResult:
     """Export a run (newest checkpoint, or `step`), a `checkpoints/<step>` dir or an import dir."""
-    from grc_jax.infer.load import checkpoint_steps, load_model
-
     export_dtype(dtype)
     check_output(out, force)  # fail before the (slow) load
     model_dir, step = resolve_checkpoint(ckpt, step)
@@ -460,8 +454,6 @@ def export_during_training(
 
 def load_export(out: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
     """(config.json, HF-named float32 tensors, GRC tensors + grc_config) of an export."""
-    from grc_jax.convert.hf_import import load_hf_dir, read_safetensors
-
     out = Path(out)
     hf, tensors, _ = load_hf_dir(out)
     grc = json.loads((out / GRC_CONFIG).read_text())

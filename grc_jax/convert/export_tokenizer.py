@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from grc_jax.convert.hf_import import TOKENIZER_FILES
-
-
-class ExportError(ValueError):
-    """A checkpoint (family, flags, dtype, values) or tokenizer that a HF export cannot express."""
+from grc_jax.core.errors import ExportError
 
 
 def _sentencepiece_tokenizer_json(model: bytes, bos_piece: str, bos_id: int) -> str | None:

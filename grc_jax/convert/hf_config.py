@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from grc_jax.config import ModelConfig, RopeScalingConfig
+from grc_jax.core.config import ModelConfig, RopeScalingConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")

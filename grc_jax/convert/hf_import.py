@@ -3,7 +3,7 @@
 The output directory holds:
 
 * `config.yaml`: a full grc `Config` (model section from the checkpoint, grc defaults with
-  `latent_init: mean_embedding`), readable with `grc_jax.config.load_config`;
+  `latent_init: mean_embedding`), readable with `grc_jax.core.config.load_config`;
 * `params/`: an Orbax checkpoint of the float32 params pytree;
 * the tokenizer: copied from a HF directory, or `tokenizer.json` + `tokenizer_config.json` built
   from a GGUF vocabulary;
@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 import grc_jax
-from grc_jax.config import Config, config_from_dict, load_config, save_config
+from grc_jax.checkpoints import save_params
 from grc_jax.convert.hf_config import model_config_from_hf
 from grc_jax.convert.param_map import hf_to_params
+from grc_jax.core.config import Config, config_from_dict, save_config
 
 # A HF tokenizer's files (copied on import and on export when present).
 TOKENIZER_FILES = (
@@ -170,15 +171,6 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def save_params(params: Any, path: Path) -> None:
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path.absolute(), params)
-    ckptr.wait_until_finished()
-    ckptr.close()
-
-
 def import_checkpoint(
     src: str | Path,
     out: str | Path,
@@ -256,23 +248,3 @@ def _leaves(tree: Any) -> list[Any]:
     import jax
 
     return jax.tree.leaves(tree)
-
-
-def load_imported(out: str | Path) -> tuple[Config, Any]:
-    """(Config, float32 params) of an `import_checkpoint` output directory."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from grc_jax.model.transformer import abstract_params
-
-    out = Path(out)
-    cfg = load_config(out / "config.yaml")
-    path = (out / "params").absolute()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{str(path)!r} does not exist (not a grc import directory?)")
-    shapes, _ = abstract_params(cfg.model, cfg.grc)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path, target)
-    return cfg, params

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax.config import GRCConfig, ModelConfig
+from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.model.transformer import abstract_params, stack_layers, unstack_layers
 
 Shape = tuple[int, ...]

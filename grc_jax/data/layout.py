@@ -13,14 +13,15 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from grc_jax.model.mask import MEMORY_MODES
-from grc_jax.roles import GEN, LATENT, PAD, TEXT, Role
+from grc_jax.core.constants import MEMORY_MODES
+from grc_jax.core.errors import DataError
+from grc_jax.core.roles import GEN, LATENT, PAD, TEXT, Role
 
 ROW_KEYS = ("tokens", "segment_ids", "block_ids", "roles", "positions")
 _EXAMPLE_KEYS = ("tokens", "block_ids", "roles", "positions")
 
 
-class LayoutError(ValueError):
+class LayoutError(DataError):
     """An example cannot be laid out: the message names the example, block and span at fault."""
 
 

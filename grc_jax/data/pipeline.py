@@ -24,13 +24,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from grc_jax.config import Config
+from grc_jax.core.config import Config
+from grc_jax.core.roles import DOC, GEN, LATENT, QUERY
 from grc_jax.data.layout import ROW_KEYS, Example, gen, latents, layout_example, text
 from grc_jax.data.schema import BadLineError, GRCRecord, parse_record
 from grc_jax.data.tokenizer import Tokenizer
-from grc_jax.roles import GEN, LATENT
-
-QUERY, DOC = 1, 2
 
 
 def doc_hash(text_: str) -> int:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from grc_jax.core.errors import DataError
+
 FIELDS = ("query", "positive", "reasoning", "answer", "negatives", "compress_target")
 
 
-class BadLineError(ValueError):
+class BadLineError(DataError):
     """A data line does not follow the schema; the message starts with `file:line:`."""
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from grc_jax.core.errors import MissingPathError
+from grc_jax.data.schema import GRCRecord, parse_record
+
 
 class JsonlSource:
     """Lines of one or more JSONL files, indexed by byte offsets (blank lines skipped)."""
@@ -27,7 +30,7 @@ class JsonlSource:
         self._length: list[int] = []
         for i, path in enumerate(self.paths):
             if not path.is_file():
-                raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+                raise MissingPathError(f"data file {str(path)!r} does not exist")
             offset = 0
             with path.open("rb") as f:
                 for line_no, line in enumerate(f, start=1):
@@ -117,3 +120,10 @@ def open_source(spec: str) -> JsonlSource | ArrayRecordSource:
         return ArrayRecordSource(spec)
     paths = [p for part in spec.split(",") for p in (sorted(glob.glob(part)) or [part])]
     return JsonlSource(paths)
+
+
+def read_records(path: str | Path, limit: int | None = None) -> list[GRCRecord]:
+    """The first `limit` (default: all) records of a JSONL file, parsed strictly."""
+    src = JsonlSource(path)
+    n = len(src) if limit is None else min(limit, len(src))
+    return [parse_record(src[i][1], src[i][0]) for i in range(n)]

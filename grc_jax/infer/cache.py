@@ -7,11 +7,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax.config import ModelConfig
-
-
-class OutOfPagesError(RuntimeError):
-    """The page pool cannot hold another request; lower the batch or raise `n_pages`."""
+from grc_jax.core.config import ModelConfig
+from grc_jax.core.errors import OutOfPagesError
 
 
 class PagePool:

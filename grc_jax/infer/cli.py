@@ -66,8 +66,8 @@ def _engine(args: argparse.Namespace):
 
 @functools.lru_cache(maxsize=2)
 def _cached_engine(path: str, step: int | None, attention_impl: str, _identity: tuple):
+    from grc_jax.checkpoints import load_model
     from grc_jax.infer.engine import Engine, EngineOptions
-    from grc_jax.infer.load import load_model
 
     cfg, params, tok = load_model(path, step)
     return Engine(cfg, params, tok, EngineOptions(attention_impl=attention_impl))
@@ -424,8 +424,7 @@ def _user_errors(run):
     """Errors a user causes that are not ValueError/FileNotFoundError -> exit 2 like those."""
 
     def wrapped(args: argparse.Namespace) -> int:
-        from grc_jax.infer.cache import OutOfPagesError
-        from grc_jax.train.checkpoint import CheckpointError
+        from grc_jax.core.errors import CheckpointError, OutOfPagesError
 
         try:
             return run(args)

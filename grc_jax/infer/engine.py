@@ -22,18 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax.config import Config
+from grc_jax.core.config import Config
+from grc_jax.core.errors import MemoryMismatchError
+from grc_jax.core.roles import LATENT, TEXT
 from grc_jax.data.layout import gen, latents, one_per_row, text
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.infer.cache import PagePool, block_table, empty_cache
-from grc_jax.infer.memory import LatentMemory, MemoryMismatchError, model_fingerprint
+from grc_jax.infer.memory import LatentMemory, model_fingerprint
 from grc_jax.infer.paged import paged_forward
 from grc_jax.infer.sampling import SamplingParams, sample
 from grc_jax.model import forward, unstack_layers
+from grc_jax.model.head import embed_from_pooled, pool_latents
+from grc_jax.model.params import GRCParams
 from grc_jax.model.rope import inverse_frequencies
-from grc_jax.roles import LATENT, TEXT
-from grc_jax.train.lora import model_params_of
-from grc_jax.train.losses import embed_from_pooled, pool_latents
 from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS, rotate
 
 GREEDY = SamplingParams()
@@ -77,19 +78,19 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, cfg: Config, params: dict[str, Any], tok: Tokenizer, opts=EngineOptions()):
+    def __init__(self, cfg: Config, params: GRCParams, tok: Tokenizer, opts=EngineOptions()):
         self.cfg, self.tok, self.opts = cfg, tok, opts
         self.K = cfg.grc.num_latents
         # Decoding slices each layer's weights every step: keep them per layer (unstacked once)
         # rather than stacked, which XLA would copy per step; the engine's training-layout
         # forward then runs unscanned too (same math, bit for bit under jit).
-        model_params = model_params_of(params, cfg.model.scan_layers)
+        model_params = params.merged(cfg.model.scan_layers)
         if cfg.model.scan_layers:
             model_params = unstack_layers(model_params, cfg.model.n_layers)
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
             self.cfg = cfg
         self.model_params = model_params
-        self.head = params["head"]
+        self.head = params.head
         self.fingerprint = model_fingerprint(cfg, params)
         self.pool = PagePool(opts.n_pages, opts.page_size)
         self.cache = empty_cache(cfg.model, opts.n_pages, opts.page_size)
@@ -122,9 +123,7 @@ class Engine:
         return one_per_row(examples, self.K, self.cfg.grc.memory_mode)
 
     def _embedding_dim(self) -> int:
-        if "projection" in self.head:
-            return int(self.head["projection"].shape[1])
-        return self.cfg.model.d_model
+        return self.head.dim or self.cfg.model.d_model
 
     def _encode_text(self, s: str, what: str) -> list[int]:
         if not isinstance(s, str) or not s.strip():

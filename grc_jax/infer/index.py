@@ -22,19 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from grc_jax.infer.memory import LatentMemory, MemoryMismatchError
+from grc_jax.core.errors import (
+    IndexFormatError,
+    IndexMismatchError,
+    MemoryMismatchError,
+    MissingPathError,
+    UsageError,
+)
+from grc_jax.infer.memory import LatentMemory
 from grc_jax.infer.sampling import SamplingParams
 
 FORMAT = "grc-index/1"
 MEMORIES_FORMAT = "grc-index-memories/1"
-
-
-class IndexFormatError(ValueError):
-    """An index directory is malformed or incomplete, or its documents are unusable."""
-
-
-class IndexMismatchError(MemoryMismatchError):
-    """An index was built by another model (or K / memory mode) than the one reading it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +141,7 @@ def load_index(directory: str | Path) -> Index:
 
     d = Path(directory)
     if not (d / "index.json").is_file():
-        raise FileNotFoundError(f"index {str(d)!r}: no index.json (not an index directory)")
+        raise MissingPathError(f"index {str(d)!r}: no index.json (not an index directory)")
     try:
         meta = json.loads((d / "index.json").read_text())
     except json.JSONDecodeError as e:

@@ -14,13 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from grc_jax.config import Config
-
-
-class MemoryMismatchError(ValueError):
-    """A latent memory was made by a different model or configuration than the reader."""
+from grc_jax.core.config import Config
+from grc_jax.core.errors import MemoryMismatchError, MissingPathError
+from grc_jax.model import unstack_layers
+from grc_jax.model.params import GRCParams
 
 
 def model_fingerprint(cfg: Config, params: Any) -> str:
@@ -29,15 +29,11 @@ def model_fingerprint(cfg: Config, params: Any) -> str:
     Execution options (compute dtype, remat, scanned layers) do not change which model it is: the
     architecture digest leaves them out, and scanned (stacked) layers are digested per layer.
     """
-    import jax
-
-    from grc_jax.model import unstack_layers
-
     arch = dataclasses.asdict(cfg.model)
     for key in ("dtype", "remat_policy", "scan_layers"):
         arch.pop(key)
-    if isinstance(params, dict) and "layers" in params.get("model", {}):
-        params = dict(params, model=unstack_layers(params["model"], cfg.model.n_layers))
+    if isinstance(params, GRCParams) and "layers" in params.model:
+        params = params.replace(model=unstack_layers(params.model, cfg.model.n_layers))
     digest = hashlib.sha256()
     digest.update(json.dumps(arch, sort_keys=True).encode())
     digest.update(f"K={cfg.grc.num_latents};mode={cfg.grc.memory_mode}".encode())
@@ -109,7 +105,7 @@ class LatentMemory:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"memory file {str(path)!r} does not exist")
+            raise MissingPathError(f"memory file {str(path)!r} does not exist")
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}

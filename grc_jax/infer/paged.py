@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from grc_jax.config import ModelConfig
+from grc_jax.core.config import ModelConfig
+from grc_jax.core.roles import LATENT
 from grc_jax.model.layers import MLP, Attention, RMSNorm, compute_dtype
 from grc_jax.model.rope import inverse_frequencies, rope_angles
-from grc_jax.roles import LATENT
 from pallas_kernels.hybrid_paged_attention import hybrid_paged_attention
 
 

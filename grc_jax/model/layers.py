@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from grc_jax.config import ModelConfig
+from grc_jax.core.config import ModelConfig
+from grc_jax.core.constants import MASK_VALUE
+from grc_jax.core.sharding import constrain
 from grc_jax.model.rope import apply_rope
-from grc_jax.sharding import constrain
-
-# Large finite negative: a fully masked row (padding) gives a finite uniform softmax, never NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _init(std: float, names: tuple[str, ...]):
@@ -55,7 +53,7 @@ def dot_product_attention(
     q = q.reshape(b, t, g, h // g, d)
     scores = jnp.einsum("btgqd,bsgd->bgqts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgqts,bsgd->btgqd", probs, v)
     return out.reshape(b, t, h, d)

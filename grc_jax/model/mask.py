@@ -12,7 +12,7 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
-from grc_jax.roles import LATENT
+from grc_jax.core.roles import LATENT
 
 MemoryMode = Literal["independent", "recurrent"]
 MEMORY_MODES = ("independent", "recurrent")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from grc_jax.config import ModelConfig, RopeScalingConfig
+from grc_jax.core.config import ModelConfig, RopeScalingConfig
 
 
 def _llama3_scale(inv_freq: np.ndarray, s: RopeScalingConfig) -> np.ndarray:

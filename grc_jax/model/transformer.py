@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from grc_jax.config import GRCConfig, ModelConfig
+from grc_jax.core.config import GRCConfig, ModelConfig
+from grc_jax.core.roles import LATENT
+from grc_jax.core.sharding import constrain
 from grc_jax.model.layers import DecoderLayer, RMSNorm, _init, compute_dtype
 from grc_jax.model.mask import grc_mask
 from grc_jax.model.rope import inverse_frequencies, rope_angles
-from grc_jax.roles import LATENT
-from grc_jax.sharding import constrain
 
 _REMAT_POLICIES = {
     "full": None,

@@ -39,8 +39,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from grc_jax import distributed
-    from grc_jax.config import load_config
+    from grc_jax.core import distributed
+    from grc_jax.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     # Before anything touches a JAX device: jax.distributed refuses to start after that.
@@ -51,8 +51,9 @@ def _train(args: argparse.Namespace) -> int:
     )
     import jax
 
-    from grc_jax.train.checkpoint import CheckpointError
-    from grc_jax.train.loop import NonFiniteLossError, run_dir, summary_table, train
+    from grc_jax.checkpoints import run_dir
+    from grc_jax.core.errors import CheckpointError, NonFiniteLossError
+    from grc_jax.train.loop import summary_table, train
 
     if plan.mode != "single":
         print(f"{distributed.describe()} ({plan.source})", flush=True)
@@ -74,11 +75,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     import jax
 
-    from grc_jax.config import load_config
-    from grc_jax.sharding import make_mesh
-    from grc_jax.train.checkpoint import RunCheckpoints
+    from grc_jax.checkpoints import RunCheckpoints
+    from grc_jax.core.config import load_config
+    from grc_jax.core.sharding import make_mesh
+    from grc_jax.data.sources import read_records
     from grc_jax.train.evaluate import Evaluator
-    from grc_jax.train.loop import _records, prepare_tokenizer
+    from grc_jax.train.loop import prepare_tokenizer
     from grc_jax.train.state import create_state
 
     run = Path(args.run)
@@ -91,7 +93,7 @@ def _eval(args: argparse.Namespace) -> int:
     state, _data, step = ckpts.restore(args.step, state)
     ckpts.close()
     data = args.data or cfg.data.eval_path
-    metrics = Evaluator(cfg, tok, _records(data, cfg.train.eval_queries)).run(state.params)
+    metrics = Evaluator(cfg, tok, read_records(data, cfg.train.eval_queries)).run(state.params)
     metrics["step"] = step
     text = json.dumps(metrics, indent=2)
     print(text)

@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax.config import Config
+from grc_jax.core.config import Config
+from grc_jax.core.roles import GEN, TEXT
 from grc_jax.data.layout import gen, latents, one_per_row, text
 from grc_jax.data.schema import GRCRecord
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.model import forward
-from grc_jax.roles import GEN, TEXT
-from grc_jax.train.lora import model_params_of
-from grc_jax.train.losses import embed_from_pooled, pool_latents
+from grc_jax.model.head import embed_from_pooled, pool_latents
 
 
 class Evaluator:
@@ -45,14 +44,14 @@ class Evaluator:
         m, g = cfg.model, cfg.grc
 
         def fwd(params, batch):
-            return forward(model_params_of(params, m.scan_layers), m, g, batch)
+            return forward(params.merged(m.scan_layers), m, g, batch)
 
         def embed(params, batch):
             out = fwd(params, batch)
             pooled = pool_latents(
                 out.hidden, batch["segment_ids"], batch["block_ids"], batch["roles"], 1, g.pooling
             )
-            return embed_from_pooled(params["head"], pooled[:, 0])
+            return embed_from_pooled(params.head, pooled[:, 0])
 
         def next_token(params, batch, last):
             logits = fwd(params, batch).logits

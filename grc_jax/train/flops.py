@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from grc_jax.config import Config
+from grc_jax.core.config import Config
 
 
 def forward_flops(cfg: Config, rows: int) -> float:

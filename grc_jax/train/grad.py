@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from grc_jax.config import GRCConfig, ModelConfig
+from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.model import forward
-from grc_jax.train.lora import model_params_of
+from grc_jax.model.params import GRCParams
 from grc_jax.train.losses import (
     combine_losses,
     grc_loss,
@@ -44,7 +44,7 @@ def split_microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Arr
 
 
 def loss_and_grads(
-    params: dict[str, Any],
+    params: GRCParams,
     model_cfg: ModelConfig,
     grc: GRCConfig,
     batch: dict[str, jax.Array],
@@ -64,8 +64,8 @@ def loss_and_grads(
 
     # Pass 1: embeddings of every microbatch, no gradients kept.
     def embed(mb):
-        out = forward(model_params_of(params, model_cfg.scan_layers), model_cfg, grc, mb)
-        return slot_embeddings(params["head"], out.hidden, mb, grc)
+        out = forward(params.merged(model_cfg.scan_layers), model_cfg, grc, mb)
+        return slot_embeddings(params.head, out.hidden, mb, grc)
 
     emb = jax.lax.stop_gradient(jax.lax.map(embed, mbs))  # [n, slots_per_mb, P]
     # Slots in microbatch-major order, matching the flattened microbatch metadata below.
@@ -76,16 +76,16 @@ def loss_and_grads(
         return rep_sum / jnp.maximum(rep_n, 1.0), rep_n
 
     (l_rep, rep_n), (g_emb, g_head) = jax.value_and_grad(rep_fn, argnums=(0, 1), has_aux=True)(
-        emb.reshape(-1, emb.shape[-1]), params["head"]
+        emb.reshape(-1, emb.shape[-1]), params.head
     )
     g_emb = g_emb.reshape(emb.shape)
 
     # Pass 2: re-forward each microbatch with gradients on its surrogate loss.
     def surrogate(p, mb, g):
-        out = forward(model_params_of(p, model_cfg.scan_layers), model_cfg, grc, mb)
+        out = forward(p.merged(model_cfg.scan_layers), model_cfg, grc, mb)
         gen_sum, _ = token_cross_entropy(out.logits, mb["targets"], mb["gen_weights"])
         comp_sum, _ = token_cross_entropy(out.logits, mb["targets"], mb["comp_weights"])
-        e = slot_embeddings(p["head"], out.hidden, mb, grc)
+        e = slot_embeddings(p.head, out.hidden, mb, grc)
         value = w.gen * gen_sum / gen_n + w.comp * comp_sum / comp_n + w.rep * jnp.sum(e * g)
         return value, (gen_sum, comp_sum)
 
@@ -101,7 +101,7 @@ def loss_and_grads(
         body, (zeros, jnp.float32(0), jnp.float32(0)), (mbs, g_emb)
     )
     # The temperature's gradient comes from pass 1 only (it does not enter the embeddings).
-    grads = dict(grads, head=jax.tree.map(lambda a, b: a + w.rep * b, grads["head"], g_head))
+    grads = grads.replace(head=jax.tree.map(lambda a, b: a + w.rep * b, grads.head, g_head))
     loss, metrics = combine_losses(
         grc, gen_sum, jnp.sum(batch["gen_weights"]), l_rep * rep_n, rep_n, comp_sum,
         jnp.sum(batch["comp_weights"]),

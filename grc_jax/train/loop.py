@@ -16,31 +16,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from grc_jax.config import Config, save_config
+from grc_jax.checkpoints import RunCheckpoints, load_imported, run_dir
+from grc_jax.core.config import Config, save_config
+from grc_jax.core.errors import CheckpointError, NonFiniteLossError
+from grc_jax.core.sharding import make_mesh
 from grc_jax.data.pipeline import train_dataset
-from grc_jax.data.schema import parse_record
-from grc_jax.data.sources import JsonlSource, open_source
+from grc_jax.data.sources import open_source, read_records
 from grc_jax.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
-from grc_jax.sharding import make_mesh
-from grc_jax.train.checkpoint import CheckpointError, RunCheckpoints
 from grc_jax.train.evaluate import Evaluator
 from grc_jax.train.flops import measure_matmul_flops, train_flops_per_step
 from grc_jax.train.state import create_state
 from grc_jax.train.step import batch_shardings, make_train_step
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the last good checkpoint is left as it was."""
-
-
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.train.output_dir) / cfg.train.run_name
-
-
-def _records(path: str, limit: int | None = None) -> list:
-    src = JsonlSource(path)
-    n = len(src) if limit is None else min(limit, len(src))
-    return [parse_record(src[i][1], src[i][0]) for i in range(n)]
 
 
 def prepare_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
@@ -52,7 +38,7 @@ def prepare_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
     model = directory / "tokenizer.model"
     if not model.exists():
         texts = []
-        for r in _records(cfg.data.train_path):
+        for r in read_records(cfg.data.train_path):
             texts += [r.query, r.reasoning, f"answer : {r.answer}", r.positive, *r.negatives]
         tok = train_sentencepiece(texts, directory / "tokenizer", cfg.model.vocab_size)
     else:
@@ -122,8 +108,6 @@ class Logger:
 def _load_init(cfg: Config):
     if not cfg.train.init_from:
         return None
-    from grc_jax.convert.hf_import import load_imported
-
     imported_cfg, params = load_imported(cfg.train.init_from)
     if imported_cfg.model != cfg.model:
         raise ValueError(
@@ -176,7 +160,7 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
     # Only process 0 evaluates (parameters gathered to it), so only it reads data.eval_path.
     evaluator: Any = None
     if is_main:
-        evaluator = Evaluator(cfg, tok, _records(cfg.data.eval_path, cfg.train.eval_queries))
+        evaluator = Evaluator(cfg, tok, read_records(cfg.data.eval_path, cfg.train.eval_queries))
     eval_dir = directory / "eval"
     eval_dir.mkdir(exist_ok=True)
     logger = Logger(directory / "tb", is_main)

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from grc_jax.config import GRCConfig, ModelConfig
+from grc_jax.core.config import GRCConfig, ModelConfig
+from grc_jax.core.roles import DOC, QUERY
 from grc_jax.model import forward
-from grc_jax.roles import LATENT
-from grc_jax.train.lora import model_params_of
+from grc_jax.model.head import HeadParams, embed_from_pooled, pool_latents, temperature
+from grc_jax.model.params import GRCParams
 
-QUERY, DOC = 1, 2
 _NEG = -1e30
 
 
@@ -45,50 +45,6 @@ def token_cross_entropy(
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((logz - picked) * weights), jnp.sum(weights)
-
-
-def pool_latents(
-    hidden: Float[Array, "b t d"],
-    segment_ids: Int[Array, "b t"],
-    block_ids: Int[Array, "b t"],
-    roles: Int[Array, "b t"],
-    num_slots: int,
-    pooling: str,
-) -> Float[Array, "b s d"]:
-    """Per example slot `s` (segment id `s + 1`): mean or last of block 0's latent hidden states."""
-    latent0 = (roles == LATENT) & (block_ids == 0)
-    slot = segment_ids[:, :, None] == jnp.arange(1, num_slots + 1)[None, None, :]  # [b, t, s]
-    member = (slot & latent0[:, :, None]).astype(jnp.float32)
-    if pooling == "last":
-        # One-hot of the highest index among each slot's block-0 latents.
-        idx = jnp.arange(hidden.shape[1], dtype=jnp.float32)[None, :, None]
-        last = jnp.max(member * (idx + 1), axis=1, keepdims=True) - 1
-        member = member * (idx == last)
-    elif pooling != "mean":
-        raise ValueError(f"grc.pooling: expected 'mean' or 'last', got {pooling!r}")
-    counts = jnp.maximum(jnp.sum(member, axis=1), 1.0)  # [b, s]
-    summed = jnp.einsum("bts,btd->bsd", member, hidden.astype(jnp.float32))
-    return summed / counts[..., None]
-
-
-def init_head_params(grc: GRCConfig, d_model: int, rng: jax.Array) -> dict[str, Array]:
-    """Embedding head: optional projection `[d, P]` and the (optionally learned) log temperature."""
-    head: dict[str, Array] = {"log_temperature": jnp.log(jnp.float32(grc.temperature))}
-    if grc.projection_dim is not None:
-        head["projection"] = jax.random.normal(rng, (d_model, grc.projection_dim)) * d_model**-0.5
-    return head
-
-
-def embed_from_pooled(head: dict[str, Array], pooled: Float[Array, "*b d"]) -> Float[Array, "*b p"]:
-    """Optional projection, then L2 normalisation."""
-    if "projection" in head:
-        pooled = pooled @ head["projection"]
-    return pooled * jax.lax.rsqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True) + 1e-12)
-
-
-def temperature(head: dict[str, Array], grc: GRCConfig) -> Array:
-    t = jnp.exp(head["log_temperature"])
-    return t if grc.learnable_temperature else jax.lax.stop_gradient(t)
 
 
 def info_nce(
@@ -119,7 +75,7 @@ def info_nce(
     return jnp.sum(per_query), jnp.sum(has_pos.astype(jnp.float32))
 
 
-def slot_embeddings(head, hidden, batch, grc: GRCConfig) -> Float[Array, "n p"]:
+def slot_embeddings(head: HeadParams, hidden, batch, grc: GRCConfig) -> Float[Array, "n p"]:
     """Normalised embeddings of every example slot of the batch, flattened to `[B * S, P]`."""
     num_slots = batch["seg_kind"].shape[1]
     pooled = pool_latents(
@@ -145,18 +101,15 @@ def rep_loss_from_embeddings(emb, head, batch, grc: GRCConfig) -> tuple[Array, A
 
 
 def grc_loss(
-    params: dict[str, Any], model_cfg: ModelConfig, grc: GRCConfig, batch: dict[str, Array]
+    params: GRCParams, model_cfg: ModelConfig, grc: GRCConfig, batch: dict[str, Array]
 ) -> tuple[Array, dict[str, Array]]:
     """`L = w_gen L_gen + w_rep L_rep + w_comp L_comp` from one `model.apply`; returns (L, metrics).
-
-    `params` is `{"model": transformer params, "head": embedding head params}` and, with LoRA,
-    `"lora"` factors merged into the transformer's projections.
     """
-    out = forward(model_params_of(params, model_cfg.scan_layers), model_cfg, grc, batch)
+    out = forward(params.merged(model_cfg.scan_layers), model_cfg, grc, batch)
     gen_sum, gen_n = token_cross_entropy(out.logits, batch["targets"], batch["gen_weights"])
     comp_sum, comp_n = token_cross_entropy(out.logits, batch["targets"], batch["comp_weights"])
-    emb = slot_embeddings(params["head"], out.hidden, batch, grc)
-    rep_sum, rep_n = rep_loss_from_embeddings(emb, params["head"], batch, grc)
+    emb = slot_embeddings(params.head, out.hidden, batch, grc)
+    rep_sum, rep_n = rep_loss_from_embeddings(emb, params.head, batch, grc)
     return combine_losses(grc, gen_sum, gen_n, rep_sum, rep_n, comp_sum, comp_n)
 
 

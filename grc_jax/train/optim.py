@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import optax
 
-from grc_jax.config import TrainConfig
+from grc_jax.core.config import TrainConfig
+from grc_jax.core.trees import path_names
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -25,10 +26,6 @@ def lr_schedule(tc: TrainConfig) -> optax.Schedule:
     )
 
 
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 # Leaf names that are weight matrices (Dense kernels, the token embedding, the embedding head's
 # projection, LoRA factors). Norm scales, biases (2-D `[heads, head_dim]` here, so rank is not a
 # usable test), the latent table and the temperature never decay.
@@ -39,7 +36,7 @@ def decay_mask(params: Any) -> Any:
     """True where weight decay applies: weight matrices only (see `_DECAYED`)."""
 
     def decays(path, leaf):
-        names = _path_names(path)
+        names = path_names(path)
         return names[-1] in _DECAYED and "latents" not in names
 
     return jax.tree_util.tree_map_with_path(decays, params)
@@ -49,7 +46,7 @@ def trainable_labels(params: Any, tc: TrainConfig) -> Any:
     """'train' or 'frozen' per leaf (`train.freeze_base` freezes all but latents, head, LoRA)."""
 
     def label(path, leaf):
-        names = _path_names(path)
+        names = path_names(path)
         if not tc.freeze_base and tc.lora_rank == 0:
             return "train"
         keep = names[0] in ("head", "lora") or "latents" in names

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from grc_jax.config import Config
-from grc_jax.sharding import activation_sharding, logical_to_spec
+from grc_jax.core.config import Config
+from grc_jax.core.sharding import activation_sharding, logical_to_spec
 from grc_jax.train.grad import loss_and_grads
 from grc_jax.train.optim import lr_schedule, make_optimizer
 from grc_jax.train.state import TrainState
@@ -41,7 +41,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-        metrics["temperature"] = jnp.exp(params["head"]["log_temperature"])
+        metrics["temperature"] = jnp.exp(params.head.log_temperature)
         # A finite loss can still come with an update that overflows the params: check both.
         metrics["params_finite"] = jax.tree.reduce(
             jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params)

@@ -19,8 +19,12 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from grc_jax.checkpoints import load_imported, load_model
 from grc_jax.cli import main as grc_main
-from grc_jax.config import (
+from grc_jax.convert.export import export_checkpoint, export_params, load_export
+from grc_jax.convert.hf_import import import_checkpoint, read_safetensors
+from grc_jax.convert.param_map import params_to_hf
+from grc_jax.core.config import (
     Config,
     ConfigError,
     GRCConfig,
@@ -29,20 +33,16 @@ from grc_jax.config import (
     TrainConfig,
     load_config,
 )
-from grc_jax.convert.export import ExportError, export_checkpoint, export_params, load_export
-from grc_jax.convert.hf_import import import_checkpoint, load_imported, read_safetensors
-from grc_jax.convert.param_map import params_to_hf
+from grc_jax.core.errors import ExportError
+from grc_jax.core.roles import TEXT
 from grc_jax.data.layout import latents, one_per_row, text
 from grc_jax.data.synth import synthesize
 from grc_jax.data.tokenizer import load_tokenizer
 from grc_jax.infer.engine import Engine, EngineOptions
-from grc_jax.infer.load import load_model
 from grc_jax.infer.memory import LatentMemory
 from grc_jax.model import forward
-from grc_jax.roles import TEXT
+from grc_jax.model.params import init_grc_params
 from grc_jax.train.loop import train
-from grc_jax.train.lora import model_params_of
-from grc_jax.train.state import init_train_params
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4  # fp32 logits and memories
@@ -161,7 +161,7 @@ def case(request, tok, tmp_path_factory):
         grc=GRCConfig(num_latents=K, **grc_kw),
         train=TrainConfig(lora_rank=lora),
     )
-    params = perturb(init_train_params(cfg, jax.random.key(0)))
+    params = perturb(init_grc_params(cfg, jax.random.key(0)))
     out = tmp_path_factory.mktemp(request.param) / "export"
     result = export_params(cfg, params, tok, out)
     grc = transformers.AutoModel.from_pretrained(out, trust_remote_code=True)
@@ -193,10 +193,10 @@ def test_export_files_and_configs(case):
     assert grc["temperature"] == pytest.approx(cfg.grc.temperature)
     assert grc["model_fingerprint"] == case.engine.fingerprint
     extras = read_safetensors(out / "grc/latents.safetensors")
-    merged = model_params_of(case.params, cfg.model.scan_layers)
+    merged = case.params.merged(cfg.model.scan_layers)
     np.testing.assert_array_equal(extras["latents"], merged["latents"])
     if cfg.grc.projection_dim:
-        np.testing.assert_array_equal(extras["projection"], case.params["head"]["projection"])
+        np.testing.assert_array_equal(extras["projection"], case.params.head.projection)
     # The latents' file is not picked up as a model weight (transformers, `grc import-hf`).
     _, tensors, _ = load_export(out)
     assert set(tensors) == set(params_to_hf(merged, cfg.model))
@@ -212,7 +212,7 @@ def test_plain_transformers_logits_match_jax(case):
     ids[:, 0] = 2  # bos
     with torch.no_grad():
         got = plain(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-    merged = model_params_of(case.params, case.cfg.model.scan_layers)
+    merged = case.params.merged(case.cfg.model.scan_layers)
     want = jax_logits(case.cfg, merged, plain_rows(ids))
     assert np.abs(got - want).max() <= TOL
     # The GRC class without memories is the same causal LM.
@@ -254,7 +254,7 @@ def test_memories_and_generation_over_them_match_jax(case, tmp_path):
     prompt = [case.tok.bos_id, *case.tok.encode(PROMPT)]
     example = [[text(d), latents(K)] for d in docs] + [[text(prompt)]]
     rows = one_per_row([example], K, cfg.grc.memory_mode)
-    want = jax_logits(cfg, model_params_of(case.params, cfg.model.scan_layers), rows)[0]
+    want = jax_logits(cfg, case.params.merged(cfg.model.scan_layers), rows)[0]
     start = sum(len(d) + K for d in docs)
     want = want[start : start + len(prompt)]
     got = grc.logits_with_memories([prompt], torch_mems[:n_mem])[0].numpy()
@@ -364,7 +364,7 @@ def test_trained_export_tokenizer_logits_and_embeddings(run):
     ids = np.asarray([hf_tok(texts[0]).input_ids], np.int32)
     with torch.no_grad():
         got = plain(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-    want = jax_logits(cfg, params["model"], plain_rows(ids))
+    want = jax_logits(cfg, params.model, plain_rows(ids))
     assert np.abs(got - want).max() <= TOL
 
     grc = transformers.AutoModel.from_pretrained(run.out, trust_remote_code=True)
@@ -410,7 +410,7 @@ def test_export_then_import_gives_identical_params(run, tmp_path):
     assert grc_main(["import-hf", str(run.out), str(back)]) == 0
     cfg2, imported = load_imported(back)
     assert cfg2.model == dataclasses.replace(cfg.model, init_std=cfg2.model.init_std)
-    original = dict(params["model"])
+    original = dict(params.model)
     latents_ = original.pop("latents")
     imported = dict(imported)
     imported.pop("latents")  # a fresh table: the latents travel in grc/latents.safetensors
@@ -458,7 +458,7 @@ def test_bad_input_is_refused_before_writing(run, tok, tmp_path, capsys):
     with pytest.raises(ExportError, match="dtype 'fp16' is not supported"):
         export_params(cfg, params, tok, out, "fp16")
     broken = jax.tree.map(lambda x: x, jax.device_get(params))
-    broken["model"]["final_norm"]["scale"] = np.full_like(broken["model"]["final_norm"]["scale"],
+    broken.model["final_norm"]["scale"] = np.full_like(broken.model["final_norm"]["scale"],
                                                           np.nan)  # fmt: skip
     with pytest.raises(ExportError, match="model.norm.weight.*NaN"):
         export_params(cfg, broken, tok, out)

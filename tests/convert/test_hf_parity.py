@@ -11,11 +11,12 @@ import pytest
 import torch
 import transformers
 
+from grc_jax.checkpoints import load_imported
 from grc_jax.cli import main as grc_main
-from grc_jax.config import Config, GRCConfig
 from grc_jax.convert.hf_config import hf_config_from_model, model_config_from_hf
-from grc_jax.convert.hf_import import import_checkpoint, load_hf_dir, load_imported
+from grc_jax.convert.hf_import import import_checkpoint, load_hf_dir
 from grc_jax.convert.param_map import expected_hf_shapes, hf_to_params
+from grc_jax.core.config import Config, GRCConfig
 from grc_jax.model.transformer import forward
 
 BATCH, LENGTH, VOCAB = 2, 12, 128

@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from grc_jax.config import GRCConfig, ModelConfig
 from grc_jax.convert.param_map import (
     PARAM_MAPS,
     TRANSFORMS,
@@ -15,6 +14,7 @@ from grc_jax.convert.param_map import (
     hf_to_params,
     params_to_hf,
 )
+from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.model.transformer import abstract_params
 
 FAMILIES = {

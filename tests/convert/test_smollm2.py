@@ -13,8 +13,9 @@ import pytest
 import torch
 import transformers
 
+from grc_jax.checkpoints import load_imported
 from grc_jax.convert.gguf import byte_alphabet, permute_qk, unpermute_qk
-from grc_jax.convert.hf_import import import_checkpoint, load_imported
+from grc_jax.convert.hf_import import import_checkpoint
 from grc_jax.model.transformer import forward
 
 from .test_hf_parity import CASES, TOL, batch, hf_logits, make_hf_model

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from grc_jax.config import load_config
+from grc_jax.core.config import load_config
 from grc_jax.data.synth import synthesize
 from grc_jax.data.tokenizer import train_sentencepiece
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
 from grc_jax.data.layout import (
     ROW_KEYS,
     LayoutError,
@@ -14,7 +15,6 @@ from grc_jax.data.layout import (
     pack_examples,
     text,
 )
-from grc_jax.roles import GEN, LATENT, PAD, TEXT
 
 T, G, L, P = int(TEXT), int(GEN), int(LATENT), int(PAD)
 

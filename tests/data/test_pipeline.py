@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
 from grc_jax.data.layout import ROW_KEYS, gen, latents, layout_example, text
 from grc_jax.data.pipeline import (
     DOC,
@@ -22,7 +23,6 @@ from grc_jax.data.pipeline import (
 )
 from grc_jax.data.schema import BadLineError, GRCRecord
 from grc_jax.data.sources import JsonlSource
-from grc_jax.roles import GEN, LATENT, PAD, TEXT
 from tests.data.conftest import tiny_config, write_jsonl
 
 T, G, L, P = int(TEXT), int(GEN), int(LATENT), int(PAD)

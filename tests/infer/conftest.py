@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grc_jax.config import Config, GRCConfig, ModelConfig
+from grc_jax.core.config import Config, GRCConfig, ModelConfig
 from grc_jax.data.layout import layout_example
 from grc_jax.infer.engine import Engine, EngineOptions
 from grc_jax.model import forward
-from grc_jax.train.state import init_train_params
+from grc_jax.model.params import init_grc_params
 
 K = 4
 # A larger init scale than the default 0.02 makes attention sharp (scores of order 1-10), so a
@@ -74,7 +74,7 @@ def cfg_rec() -> Config:
 @pytest.fixture(scope="session")
 def params(cfg_ind):
     """One set of weights, used by both modes (the mode changes only the mask and positions)."""
-    return jax.jit(init_train_params, static_argnums=0)(cfg_ind, jax.random.key(0))
+    return jax.jit(init_grc_params, static_argnums=0)(cfg_ind, jax.random.key(0))
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +97,7 @@ class TrainForward:
     """The training forward pass of laid-out examples, one row each, padded to a fixed shape."""
 
     def __init__(self, cfg: Config, params):
-        self.cfg, self.params = cfg, params["model"]
+        self.cfg, self.params = cfg, params.model
         self._fn = jax.jit(lambda p, b: forward(p, cfg.model, cfg.grc, b, return_kv=True))
 
     def rows(self, examples) -> dict[str, np.ndarray]:

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grc_jax.infer.cache import OutOfPagesError, PagePool, block_table, empty_cache
+from grc_jax.core.errors import OutOfPagesError
+from grc_jax.infer.cache import PagePool, block_table, empty_cache
 from grc_jax.infer.engine import Engine
 from grc_jax.infer.paged import write_pages
 from tests.infer.conftest import MODEL, OPTS, replace

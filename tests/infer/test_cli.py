@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from grc_jax.checkpoints import load_model
 from grc_jax.cli import main
-from grc_jax.config import load_config, save_config
+from grc_jax.core.config import load_config, save_config
 from grc_jax.data.synth import synthesize
 from grc_jax.infer.engine import Engine
 from grc_jax.infer.index import load_index, search
-from grc_jax.infer.load import load_model
 from grc_jax.infer.memory import LatentMemory
 from grc_jax.train.loop import train
 
@@ -77,7 +77,7 @@ def test_load_model_restores_the_checkpoint_params(runs):
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), params, runs["params"])
     assert all(jax.tree.leaves(same))  # the params training ended with, bit for bit
     _, params1, _ = load_model(runs["ind"], step=1)
-    differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), params1["model"], params["model"])
+    differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), params1.model, params.model)
     assert any(jax.tree.leaves(differs))
     assert tok.encode(DOC)
 
@@ -283,13 +283,13 @@ def test_update_in_recurrent_mode(runs, capsys, tmp_path):
 @pytest.fixture(scope="module")
 def import_dir(runs):
     """A directory shaped like `grc import-hf` output, holding the `ind` run's transformer."""
-    from grc_jax.convert.hf_import import save_params
+    from grc_jax.checkpoints import save_params
 
     cfg, params, _ = load_model(runs["ind"])
     out = Path(runs["root"]) / "imported"
     out.mkdir()
     save_config(cfg, out / "config.yaml")
-    save_params(params["model"], out / "params")
+    save_params(params.model, out / "params")
     shutil.copy(Path(runs["ind"]) / "tokenizer.model", out / "tokenizer.model")
     (out / "import_info.json").write_text("{}")
     return str(out)
@@ -298,8 +298,8 @@ def import_dir(runs):
 def test_imported_model_loads_and_generates(runs, import_dir, capsys):
     cfg, params, tok = load_model(import_dir)
     _, trained, _ = load_model(runs["ind"])
-    np.testing.assert_array_equal(params["model"]["embed"], trained["model"]["embed"])
-    assert set(params) == {"model", "head"}
+    np.testing.assert_array_equal(params.model["embed"], trained.model["embed"])
+    assert params.lora is None and params.head is not None  # model + head, no LoRA
     assert Engine(cfg, params, tok).K == 4
     rc, out, _ = grc(capsys, "generate", import_dir, "--prompt", QUERY, "--max-new-tokens", 2)
     assert rc == 0

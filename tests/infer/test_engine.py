@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grc_jax.core.errors import MemoryMismatchError
+from grc_jax.core.roles import LATENT
 from grc_jax.data.layout import gen, latents, text
 from grc_jax.infer.engine import Engine
-from grc_jax.infer.memory import MemoryMismatchError
 from grc_jax.infer.sampling import SamplingParams
+from grc_jax.model.head import embed_from_pooled, pool_latents
 from grc_jax.model.rope import inverse_frequencies
-from grc_jax.roles import LATENT
-from grc_jax.train.losses import embed_from_pooled, pool_latents
 from pallas_kernels.hybrid_paged_attention import rotate
 from tests.infer.conftest import DOCS, OPTS, K, ToyTokenizer, replace
 
@@ -137,7 +137,7 @@ def test_embed_and_compress_match_training_forward(
     """`embed` == the training embedding of [TEXT bos doc][LATENT x K]; `compress` gives the same
     embedding and the canonical (rotated back to 0..K-1) K/V of the training latents."""
     rows, out = train_forward([[[text(_ids(tok, d)), latents(K)]] for d in DOCS])
-    want = _pooled_embedding(params["head"], out.hidden, rows)[: len(DOCS)]
+    want = _pooled_embedding(params.head, out.hidden, rows)[: len(DOCS)]
     got = engine.embed(DOCS)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
@@ -162,7 +162,7 @@ def test_self_reason_embed_matches_training_layout(engine, train_forward, params
         for p, r in zip(prompts, reasoning)
     ]
     rows, out = train_forward(examples)
-    want = _pooled_embedding(params["head"], out.hidden, rows)[: len(DOCS)]
+    want = _pooled_embedding(params.head, out.hidden, rows)[: len(DOCS)]
     got = engine.embed(DOCS, self_reason=True, max_reasoning=5)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
@@ -207,7 +207,7 @@ def test_recurrent_update_matches_training_layout(
         )
         np.testing.assert_allclose(m.v, v_all[:, 0, lat], atol=ATOL)
         want = np.asarray(
-            embed_from_pooled(params["head"], jnp.asarray(out.hidden[0, lat].mean(0)))
+            embed_from_pooled(params.head, jnp.asarray(out.hidden[0, lat].mean(0)))
         )
         np.testing.assert_allclose(e, want, atol=ATOL, rtol=0, err_msg=f"embedding of block {blk}")
         assert m.memory_mode == "recurrent"
@@ -377,7 +377,7 @@ def test_scanned_checkpoint_serves_like_unscanned(cfg_ind, params, tok, engine, 
     cfg_scan = dataclasses.replace(
         cfg_ind, model=dataclasses.replace(cfg_ind.model, scan_layers=True)
     )
-    stacked = dict(params, model=stack_layers(params["model"], cfg_ind.model.n_layers))
+    stacked = params.replace(model=stack_layers(params.model, cfg_ind.model.n_layers))
     scan_engine = Engine(cfg_scan, stacked, tok, OPTS)
     mems = [[m for m, _ in compressed[:2]]]
     want = engine.generate(["where"], mems, max_new_tokens=4, stop_tokens=(), return_logits=True)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from grc_jax.core.errors import MemoryMismatchError
 from grc_jax.infer.engine import Engine
-from grc_jax.infer.memory import LatentMemory, MemoryMismatchError, model_fingerprint
+from grc_jax.infer.memory import LatentMemory, model_fingerprint
 from tests.infer.conftest import MODEL, OPTS, K, make_config
 
 
@@ -97,7 +98,7 @@ def test_memory_from_another_model_is_refused(engine, cfg_ind, params, tok):
 
 def test_memory_with_another_k_is_refused(engine, params, tok):
     cfg2 = make_config(num_latents=2)
-    params2 = dict(params, model=dict(params["model"], latents=params["model"]["latents"][:2]))
+    params2 = params.replace(model=dict(params.model, latents=params.model["latents"][:2]))
     other = Engine(cfg2, params2, tok, OPTS)
     with pytest.raises(MemoryMismatchError, match=r"K"):
         other.check_memory(_random_memory(engine.fingerprint))
@@ -118,7 +119,7 @@ def test_fingerprint_is_stable_and_tracks_the_model(cfg_ind, params):
     assert model_fingerprint(cfg_ind, params) == model_fingerprint(cfg_ind, params)
     assert model_fingerprint(cfg_ind, params) != model_fingerprint(make_config("recurrent"), params)
     bumped = jax.tree.map(lambda a: a, params)
-    bumped["model"] = dict(bumped["model"], latents=bumped["model"]["latents"] * 1.01)
+    bumped = bumped.replace(model=dict(bumped.model, latents=bumped.model["latents"] * 1.01))
     assert model_fingerprint(cfg_ind, bumped) != model_fingerprint(cfg_ind, params)
 
 
@@ -140,5 +141,5 @@ def test_fingerprint_ignores_execution_options(params):
     scanned = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, scan_layers=True, dtype="bfloat16")
     )
-    stacked = dict(params, model=stack_layers(params["model"], cfg.model.n_layers))
+    stacked = params.replace(model=stack_layers(params.model, cfg.model.n_layers))
     assert model_fingerprint(scanned, stacked) == model_fingerprint(cfg, params)

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from grc_jax.config import Config, GRCConfig, ModelConfig
+from grc_jax.core.config import Config, GRCConfig, ModelConfig
 from grc_jax.infer.engine import Engine, EngineOptions
-from grc_jax.train.state import init_train_params
+from grc_jax.model.params import init_grc_params
 from pallas_kernels.hybrid_paged_attention import resolve_impl
 
 
@@ -41,7 +41,7 @@ def test_forced_kernel_matches_reference_in_the_decode_loop(impl):
                           head_dim=16, d_ff=64),
         grc=GRCConfig(num_latents=8),
     )  # fmt: skip
-    params = init_train_params(cfg, jax.random.key(0))
+    params = init_grc_params(cfg, jax.random.key(0))
     opts = EngineOptions(page_size=8, n_pages=16, max_batch=2, max_seq_len=32, max_memories=2,
                          prefill_chunk=8)  # fmt: skip
     ref = Engine(cfg, params, _Tok(), opts)

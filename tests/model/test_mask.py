@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grc_jax.config import GRCConfig, ModelConfig
+from grc_jax.core.config import GRCConfig, ModelConfig
+from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
 from grc_jax.data.layout import gen, latents, layout_example, pack_examples, text
 from grc_jax.model.mask import grc_mask
 from grc_jax.model.transformer import forward, init_params
-from grc_jax.roles import GEN, LATENT, PAD, TEXT
 
 T, G, L, P = int(TEXT), int(GEN), int(LATENT), int(PAD)
 MODES = ("independent", "recurrent")

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grc_jax.config import GRCConfig, ModelConfig
+from grc_jax.core.config import GRCConfig, ModelConfig
+from grc_jax.core.roles import GEN, LATENT, TEXT
 from grc_jax.model import abstract_params, forward, init_params, stack_layers, unstack_layers
-from grc_jax.roles import GEN, LATENT, TEXT
 
 CFG = ModelConfig(
     vocab_size=128, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=160

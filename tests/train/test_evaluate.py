@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from grc_jax.config import Config
+from grc_jax.core.config import Config
 from grc_jax.data.schema import GRCRecord
 from grc_jax.train.evaluate import Evaluator, parse_answer
 

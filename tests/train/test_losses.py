@@ -7,18 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grc_jax.config import GRCConfig, LossWeights, ModelConfig
+from grc_jax.core.config import GRCConfig, LossWeights, ModelConfig
+from grc_jax.core.roles import DOC, QUERY
 from grc_jax.data.layout import gen, latents, layout_example, text
-from grc_jax.data.pipeline import DOC, QUERY, BatchBuilder, Group
+from grc_jax.data.pipeline import BatchBuilder, Group
 from grc_jax.model import forward, init_params
+from grc_jax.model.head import init_head, pool_latents
+from grc_jax.model.params import GRCParams
 from grc_jax.train.grad import loss_and_grads
-from grc_jax.train.losses import (
-    grc_loss,
-    info_nce,
-    init_head_params,
-    pool_latents,
-    token_cross_entropy,
-)
+from grc_jax.train.losses import grc_loss, info_nce, token_cross_entropy
 
 MODEL = ModelConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
@@ -128,10 +125,10 @@ def _batch(seed=0, rows=4, seq_len=96):
 @pytest.fixture(scope="module")
 def params():
     grc = GRCConfig(num_latents=K, projection_dim=16, learnable_temperature=True)
-    return {
-        "model": init_params(MODEL, grc, jax.random.key(0)),
-        "head": init_head_params(grc, MODEL.d_model, jax.random.key(1)),
-    }
+    return GRCParams(
+        model=init_params(MODEL, grc, jax.random.key(0)),
+        head=init_head(grc, MODEL.d_model, jax.random.key(1)),
+    )
 
 
 def test_combined_loss_is_weighted_sum_of_separate_terms(params):
@@ -141,7 +138,7 @@ def test_combined_loss_is_weighted_sum_of_separate_terms(params):
     assert float(m["count/gen_tokens"]) > 0 and float(m["count/comp_tokens"]) > 0
     assert float(m["count/queries"]) == 6
     # Recompute each term separately from its own forward pass.
-    out = forward(params["model"], MODEL, grc, batch)
+    out = forward(params.model, MODEL, grc, batch)
     gs, gn = token_cross_entropy(out.logits, batch["targets"], batch["gen_weights"])
     cs, cn = token_cross_entropy(out.logits, batch["targets"], batch["comp_weights"])
     np.testing.assert_allclose(float(m["loss/gen"]), float(gs / gn), rtol=1e-6)
@@ -176,7 +173,7 @@ def test_grad_cache_microbatches_match_full_batch(params, microbatches):
             err_msg=jax.tree_util.keystr(path),
         )
     # The temperature really receives a gradient (it is learnable here).
-    assert abs(float(g_f["head"]["log_temperature"])) > 0
+    assert abs(float(g_f.head.log_temperature)) > 0
 
 
 def test_microbatches_must_divide_batch(params):
@@ -187,8 +184,8 @@ def test_microbatches_must_divide_batch(params):
 
 def test_sharded_loss_equals_unsharded(params, devices):
     """On a (2, 2, 2) mesh the contrastive loss still sees every device's documents."""
-    from grc_jax.config import MeshConfig
-    from grc_jax.sharding import activation_sharding, make_mesh
+    from grc_jax.core.config import MeshConfig
+    from grc_jax.core.sharding import activation_sharding, make_mesh
     from grc_jax.train.step import batch_shardings
 
     grc = GRCConfig(num_latents=K, projection_dim=16)

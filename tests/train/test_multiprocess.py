@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from grc_jax.config import load_config
+from grc_jax.checkpoints import RunCheckpoints
+from grc_jax.core.config import load_config
+from grc_jax.core.distributed import DistributedConfigError, Plan, plan
 from grc_jax.data.synth import synthesize
-from grc_jax.distributed import DistributedConfigError, Plan, plan
-from grc_jax.train.checkpoint import RunCheckpoints
 from grc_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,7 +178,7 @@ def test_plan_sources_and_errors():
 
 
 def test_tpu_vm_detection_reads_the_pci_bus(tmp_path, monkeypatch):
-    from grc_jax import distributed
+    from grc_jax.core import distributed
 
     (tmp_path / "0000:00:04.0").mkdir()
     (tmp_path / "0000:00:04.0/vendor").write_text("0x8086\n")

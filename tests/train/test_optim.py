@@ -8,11 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from grc_jax.config import Config, GRCConfig, ModelConfig, TrainConfig
+from grc_jax.core.config import Config, GRCConfig, ModelConfig, TrainConfig
+from grc_jax.core.trees import path_names
 from grc_jax.model import forward
-from grc_jax.train.lora import init_lora, merge_lora, model_params_of
+from grc_jax.model.lora import init_lora, merge_lora
+from grc_jax.model.params import init_grc_params
 from grc_jax.train.optim import decay_mask, lr_schedule, make_optimizer
-from grc_jax.train.state import init_train_params
 
 MODEL = ModelConfig(
     vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
@@ -21,7 +22,7 @@ CFG = Config(model=MODEL, grc=GRCConfig(num_latents=2))
 
 
 def _paths(tree):
-    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {"/".join(path_names(p)): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_schedule_warmup_then_cosine_to_floor():
@@ -35,18 +36,18 @@ def test_schedule_warmup_then_cosine_to_floor():
 
 
 def test_decay_mask_skips_norms_biases_latents_temperature():
-    params = init_train_params(
+    params = init_grc_params(
         dataclasses.replace(CFG, model=dataclasses.replace(MODEL, qkv_bias=True)),
         jax.random.key(0),
     )
     mask = _paths(decay_mask(params))
-    assert mask["['model']['layers_0']['attn']['q']['kernel']"]
-    assert mask["['model']['embed']"]
-    assert not mask["['model']['latents']"]
-    assert not mask["['model']['layers_0']['attn']['q']['bias']"]
-    assert not mask["['model']['layers_0']['attn_norm']['scale']"]
-    assert not mask["['model']['final_norm']['scale']"]
-    assert not mask["['head']['log_temperature']"]
+    assert mask["model/layers_0/attn/q/kernel"]
+    assert mask["model/embed"]
+    assert not mask["model/latents"]
+    assert not mask["model/layers_0/attn/q/bias"]
+    assert not mask["model/layers_0/attn_norm/scale"]
+    assert not mask["model/final_norm/scale"]
+    assert not mask["head/log_temperature"]
 
 
 def _one_update(cfg, params):
@@ -61,19 +62,19 @@ def _one_update(cfg, params):
 
 def test_freeze_base_trains_only_latents_and_head():
     cfg = dataclasses.replace(CFG, train=TrainConfig(freeze_base=True, warmup_steps=1))
-    params = init_train_params(cfg, jax.random.key(0))
+    params = init_grc_params(cfg, jax.random.key(0))
     new = _one_update(cfg, params)
     before, after = _paths(params), _paths(new)
     for key in before:
         changed = not np.array_equal(np.asarray(before[key]), np.asarray(after[key]))
-        should = "['latents']" in key or key.startswith("['head']")
+        should = "/latents" in key or key.startswith("head/")
         assert changed == should, key
 
 
 def test_lora_starts_at_base_and_trains_only_factors():
     cfg = dataclasses.replace(CFG, train=TrainConfig(lora_rank=4, warmup_steps=1))
-    params = init_train_params(cfg, jax.random.key(0))
-    assert len(params["lora"]) == MODEL.n_layers * 7  # q k v o gate up down per layer
+    params = init_grc_params(cfg, jax.random.key(0))
+    assert len(params.lora) == MODEL.n_layers * 7  # q k v o gate up down per layer
     batch = {
         "tokens": jnp.arange(12)[None] % 60,
         "segment_ids": jnp.ones((1, 12), jnp.int32),
@@ -81,24 +82,24 @@ def test_lora_starts_at_base_and_trains_only_factors():
         "roles": jnp.ones((1, 12), jnp.int32),
         "positions": jnp.arange(12)[None],
     }
-    base = forward(params["model"], MODEL, cfg.grc, batch).logits
-    merged = forward(model_params_of(params, False), MODEL, cfg.grc, batch).logits
+    base = forward(params.model, MODEL, cfg.grc, batch).logits
+    merged = forward(params.merged(False), MODEL, cfg.grc, batch).logits
     np.testing.assert_array_equal(np.asarray(base), np.asarray(merged))  # b = 0 at init
     new = _one_update(cfg, params)
     before, after = _paths(params), _paths(new)
     for key in before:
         changed = not np.array_equal(np.asarray(before[key]), np.asarray(after[key]))
         should = (
-            key.startswith("['lora']")
-            and key.endswith("['b']")
-            or key.startswith("['lora']")
-            and key.endswith("['a']")
-            or "['latents']" in key
-            or key.startswith("['head']")
+            key.startswith("lora/")
+            and key.endswith("/b")
+            or key.startswith("lora/")
+            and key.endswith("/a")
+            or "/latents" in key
+            or key.startswith("head/")
         )
         assert changed == should, key
     # After the update the merged model differs from the base.
-    moved = forward(model_params_of(new, False), MODEL, cfg.grc, batch).logits
+    moved = forward(new.merged(False), MODEL, cfg.grc, batch).logits
     assert float(jnp.max(jnp.abs(moved - base))) > 0
 
 
@@ -126,8 +127,8 @@ def test_sharded_state_for_every_optimizer_variant(devices, extra):
     """Optimizer moments take their parameter's sharding, also under multi_transform (frozen)."""
     from jax.sharding import PartitionSpec
 
-    from grc_jax.config import MeshConfig
-    from grc_jax.sharding import make_mesh
+    from grc_jax.core.config import MeshConfig
+    from grc_jax.core.sharding import make_mesh
     from grc_jax.train.state import create_state
 
     cfg = dataclasses.replace(
@@ -135,7 +136,7 @@ def test_sharded_state_for_every_optimizer_variant(devices, extra):
     )
     state, shardings = create_state(cfg, make_mesh(cfg.mesh), jax.random.key(0))
     # The latent table trains in every variant; its spec is (None, "fsdp") on this mesh.
-    latent_spec = state.params["model"]["latents"].sharding.spec
+    latent_spec = state.params.model["latents"].sharding.spec
     assert latent_spec == PartitionSpec(None, "fsdp")
     flat = jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
     moments = [leaf for path, leaf in flat if jax.tree_util.keystr(path).endswith("['latents']")]

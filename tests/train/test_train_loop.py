@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from grc_jax.config import load_config
+from grc_jax.checkpoints import RunCheckpoints
+from grc_jax.core.config import load_config
+from grc_jax.core.errors import CheckpointError, NonFiniteLossError
 from grc_jax.data.synth import synthesize
-from grc_jax.train.checkpoint import CheckpointError, RunCheckpoints
-from grc_jax.train.loop import NonFiniteLossError, train
+from grc_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -97,7 +98,7 @@ def test_non_finite_update_stops_and_keeps_last_good_checkpoint(data_dir, tmp_pa
     ckpts = RunCheckpoints(tmp_path / "nan/checkpoints", 3)
     assert ckpts.all_steps() == [1, 2]
     good = load_config(ROOT / "configs/tiny.yaml", base)
-    from grc_jax.sharding import make_mesh
+    from grc_jax.core.sharding import make_mesh
     from grc_jax.train.state import create_state
 
     state, _ = create_state(good, make_mesh(good.mesh), jax.random.key(0))

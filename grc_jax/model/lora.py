@@ -48,10 +48,3 @@ def merge_lora(model_params: Any, lora: dict[str, Any], scanned: bool) -> Any:
             node = node[key]
         node[names[-1]] = w + delta.astype(w.dtype)
     return merged
-
-
-def model_params_of(params: dict[str, Any], scanned: bool) -> Any:
-    """The transformer params the forward pass should use (LoRA merged when present)."""
-    if "lora" in params:
-        return merge_lora(params["model"], params["lora"], scanned)
-    return params["model"]

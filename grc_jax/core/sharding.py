@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from grc_jax.config import MeshConfig
+from grc_jax.core.config import MeshConfig
+from grc_jax.core.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -49,7 +50,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 
-class ShardingRuleError(ValueError):
+class ShardingRuleError(ConfigError):
     """The logical-axis rules are inconsistent, or a spec would reuse a mesh axis."""
 
 

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from grc_jax.cli import add_command
+from grc_jax.core.errors import UsageError
 
 # High-bandwidth memory per chip, GiB (Cloud TPU system architecture pages).
 HBM_GIB = {"v4": 32, "v5p": 95, "v5litepod": 16, "v5e": 16, "v6e": 32}
@@ -38,7 +39,7 @@ _SHAPES_2D = {
 }
 
 
-class TopologyError(ValueError):
+class TopologyError(UsageError):
     """A topology name this module cannot map to a TPU generation and chip layout."""
 
 
@@ -92,9 +93,10 @@ def compile_train_step(cfg, topology: str) -> dict[str, Any]:
     import jax
     from jax.experimental import topologies
 
-    from grc_jax.sharding import activation_sharding, make_mesh
+    from grc_jax.core.sharding import activation_sharding, make_mesh
+    from grc_jax.model.params import init_grc_params
     from grc_jax.train.optim import make_optimizer
-    from grc_jax.train.state import TrainState, init_train_params, state_shardings
+    from grc_jax.train.state import TrainState, state_shardings
     from grc_jax.train.step import batch_shardings, make_train_step
 
     gen, name = topology_name(topology)
@@ -109,7 +111,7 @@ def compile_train_step(cfg, topology: str) -> dict[str, Any]:
     mesh = make_mesh(cfg.mesh, devices)
 
     def make():
-        params = init_train_params(cfg, jax.random.key(0))
+        params = init_grc_params(cfg, jax.random.key(0))
         opt_state = make_optimizer(cfg.train, params).init(params)
         return TrainState(step=jax.numpy.zeros((), "int32"), params=params, opt_state=opt_state)
 
@@ -185,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if ":" not in args.topology:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)
-    from grc_jax.config import load_config
+    from grc_jax.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     try:

@@ -15,9 +15,9 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from grc_jax.config import GRCConfig, MeshConfig, ModelConfig, load_config
+from grc_jax.core.config import GRCConfig, MeshConfig, ModelConfig, load_config
+from grc_jax.core.sharding import MESH_AXES, make_mesh, param_specs
 from grc_jax.model.transformer import abstract_params
-from grc_jax.sharding import MESH_AXES, make_mesh, param_specs
 
 # (data, fsdp, tensor): pure data parallel, data x fsdp, fsdp x tensor, all three.
 GOLDEN_MESHES: tuple[tuple[int, int, int], ...] = ((8, 1, 1), (2, 4, 1), (1, 2, 4), (2, 2, 2))

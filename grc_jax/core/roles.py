@@ -1,4 +1,4 @@
-"""Token roles of a packed row (DESIGN.md section 1)."""
+"""Token roles of a packed row (DESIGN.md section 1) and the kinds of example slots."""
 
 import enum
 
@@ -11,3 +11,14 @@ class Role(enum.IntEnum):
 
 
 PAD, TEXT, GEN, LATENT = Role.PAD, Role.TEXT, Role.GEN, Role.LATENT
+
+
+class SlotKind(enum.IntEnum):
+    """What an example slot of a packed batch holds, for the contrastive loss (`Batch.seg_kind`)."""
+
+    EMPTY = 0
+    QUERY = 1
+    DOC = 2
+
+
+QUERY, DOC = SlotKind.QUERY, SlotKind.DOC

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from grc_jax.train.aot import TopologyError, topology_name
 
-from grc_jax.aot import TopologyError, topology_name
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
     "model.n_layers=2", "model.d_model=256", "model.n_heads=4", "model.n_kv_heads=2",
     "model.head_dim=64", "model.d_ff=512", "data.seq_len=256", "data.batch_size=64",

@@ -15,9 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key is unknown or its value is not what the schema expects."""
+from grc_jax.core.errors import ConfigError
 
 
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:

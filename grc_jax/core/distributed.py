@@ -21,8 +21,10 @@ import importlib.util
 import os
 from collections.abc import Mapping
 
+from grc_jax.core.errors import ConfigError
 
-class DistributedConfigError(ValueError):
+
+class DistributedConfigError(ConfigError):
     """The distributed flags/environment are incomplete or inconsistent."""
 
 

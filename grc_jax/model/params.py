@@ -1,0 +1,45 @@
+"""The parameters a GRC run trains: the transformer, the embedding head and optional LoRA factors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+from jaxtyping import Array
+
+from grc_jax.core.config import Config
+from grc_jax.model.head import HeadParams, init_head
+from grc_jax.model.lora import init_lora, merge_lora
+from grc_jax.model.transformer import init_params
+
+
+@flax.struct.dataclass
+class GRCParams:
+    """`model`: the transformer's params (Flax's nested dict, scanned or per-layer layout);
+    `head`: the embedding head; `lora`: `{kernel path: {"a", "b"}}` factors, or None."""
+
+    # Leaves travel through JAX transforms as tracers, ShapeDtypeStructs, shardings and specs, so
+    # construction is not type-checked; the annotations are the contract.
+    __no_type_check__ = True
+
+    model: dict[str, Any]
+    head: HeadParams
+    lora: dict[str, dict[str, Array]] | None = None
+
+    def merged(self, scanned: bool) -> dict[str, Any]:
+        """The transformer params a forward pass uses: LoRA merged into the kernels when present."""
+        if self.lora is None:
+            return self.model
+        return merge_lora(self.model, self.lora, scanned)
+
+
+def init_grc_params(cfg: Config, rng: jax.Array, model_params: Any | None = None) -> GRCParams:
+    """Fresh params; `model_params` (e.g. an imported model) replaces the random transformer."""
+    r_model, r_head, r_lora = jax.random.split(rng, 3)
+    if model_params is None:
+        model_params = init_params(cfg.model, cfg.grc, r_model)
+    lora = None
+    if cfg.train.lora_rank > 0:
+        lora = init_lora(model_params, cfg.train.lora_rank, cfg.model.scan_layers, r_lora)
+    return GRCParams(model_params, init_head(cfg.grc, cfg.model.d_model, r_head), lora)
