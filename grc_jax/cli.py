@@ -23,11 +23,11 @@ def add_command(
 
 def _load_subcommands() -> None:
     # Imported for their `_COMMANDS` registrations; kept lazy so `grc --help` stays fast.
-    from grc_jax.train import aot as _aot  # noqa: F401
     from grc_jax.convert import cli as _convert_cli  # noqa: F401
     from grc_jax.convert import export_cli as _export_cli  # noqa: F401
     from grc_jax.data import cli as _data_cli  # noqa: F401
     from grc_jax.infer import cli as _infer_cli  # noqa: F401
+    from grc_jax.train import aot as _aot  # noqa: F401
     from grc_jax.train import cli as _train_cli  # noqa: F401
 
 

@@ -27,7 +27,6 @@ from grc_jax.core.errors import (
     IndexMismatchError,
     MemoryMismatchError,
     MissingPathError,
-    UsageError,
 )
 from grc_jax.infer.memory import LatentMemory
 from grc_jax.infer.sampling import SamplingParams

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from grc_jax.train.aot import TopologyError, topology_name
 
 ROOT = Path(__file__).resolve().parents[2]
