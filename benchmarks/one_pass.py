@@ -231,12 +231,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = {}
     for name in VARIANTS:
         bs = host[name]
-        tokens = int(sum(np.sum(b["segment_ids"] != 0) for b in bs))
+        tokens = int(sum(np.sum(b.segment_ids != 0) for b in bs))
         variants[name] = {
             "batches": len(bs),
             "tokens": tokens,
             "fill": tokens / (len(bs) * cfg.data.batch_size * cfg.data.seq_len),
-            "last_batch_fill": float(np.mean(bs[-1]["segment_ids"] != 0)),
+            "last_batch_fill": float(np.mean(bs[-1].segment_ids != 0)),
             "time_s": median(times[name]),
             "time_per_batch_s": median(times[name]) / len(bs),
             "times_s": times[name],

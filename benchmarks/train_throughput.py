@@ -41,6 +41,7 @@ from benchmarks.common import (
     median,
     write_json,
 )
+from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config, load_config
 from grc_jax.core.roles import GEN, TEXT
 from grc_jax.core.sharding import make_mesh
@@ -68,7 +69,7 @@ def flops_of(cfg: Config) -> float:
     return train_flops_per_step(cfg, cfg.data.batch_size)
 
 
-def grc_batch(cfg: Config, tok: Tokenizer, records: list, rng: np.random.Generator) -> dict:
+def grc_batch(cfg: Config, tok: Tokenizer, records: list, rng: np.random.Generator) -> Batch:
     """One `[batch_size, seq_len]` batch of whole GRC groups, TEXT/GEN ids made random."""
     builder = BatchBuilder(cfg.data.batch_size, cfg.data.seq_len, slots_per_row(cfg), 1, 0)
     k, mode = cfg.grc.num_latents, cfg.grc.memory_mode
@@ -78,25 +79,24 @@ def grc_batch(cfg: Config, tok: Tokenizer, records: list, rng: np.random.Generat
     if builder.groups == 0:
         raise ValueError(f"no GRC group fits in a {cfg.data.batch_size} x {cfg.data.seq_len} batch")
     batch = builder.finish()
-    tokens, roles = batch["tokens"], batch["roles"]
+    tokens, roles = batch.tokens, batch.roles
     regular = ((roles == TEXT) | (roles == GEN)) & (tokens >= N_SPECIAL)
     random_ids = rng.integers(N_SPECIAL, cfg.model.vocab_size, tokens.shape, dtype=np.int32)
-    batch["tokens"] = np.where(regular, random_ids, tokens).astype(np.int32)
-    batch.update(loss_targets(batch))
-    return batch
+    batch = batch.replace(tokens=np.where(regular, random_ids, tokens).astype(np.int32))
+    return batch.replace(**loss_targets(batch))
 
 
 class Bench:
     """One config's state, jitted step and device batch."""
 
-    def __init__(self, name: str, cfg: Config, batch: dict, mesh):
+    def __init__(self, name: str, cfg: Config, batch: Batch, mesh):
         self.name, self.cfg = name, cfg
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
         bsh = batch_shardings(shapes, mesh)
         self.state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed))
         self.step_fn = make_train_step(cfg, mesh, shardings, bsh)
         self.batch = jax.device_put(batch, bsh)
-        self.tokens = int(np.sum(batch["segment_ids"] != 0))
+        self.tokens = int(np.sum(batch.segment_ids != 0))
         self.params = sum(x.size for x in jax.tree.leaves(self.state.params.model))
         self.loss = float("nan")
 

@@ -1,7 +1,8 @@
 """Rewrite tests/golden/param_specs_*.json: the reviewed PartitionSpec of every parameter.
 
 The only way golden files change: run `make golden`, then read the printed diff (and `git diff`)
-before committing. The tables come from `grc_jax.model.sharding_report`, as in `tests/test_sharding.py`.
+before committing. The tables come from `grc_jax.model.sharding_report`, as in
+`tests/test_sharding.py`.
 """
 
 from __future__ import annotations

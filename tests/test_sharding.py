@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import MeshConfig, load_config
 from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
 from grc_jax.core.sharding import (
@@ -276,8 +277,8 @@ def _batch(cfg, grc, batch: int = 8, length: int = 16, seed: int = 0) -> dict[st
         tokens[b, n_text : n_text + n_lat] = rng.integers(0, grc.num_latents, n_lat)
         pos[b, :n1] = np.arange(n1)
         pos[b, n1 : n1 + n2] = np.arange(n2)
-    arrays = dict(tokens=tokens, segment_ids=seg, block_ids=blk, roles=roles, positions=pos)
-    return {k: jnp.asarray(v, jnp.int32) for k, v in arrays.items()}
+    arrays = Rows(tokens=tokens, segment_ids=seg, block_ids=blk, roles=roles, positions=pos)
+    return jax.tree.map(lambda v: jnp.asarray(v, jnp.int32), arrays)
 
 
 def _sharded_forward(params, cfg, grc, batch, mesh):
@@ -336,7 +337,7 @@ def test_sharded_forward_matches_unsharded(mesh_shape, tiny_reference, devices):
     total = sum(x.size for x in jax.tree.leaves(params))
     if fsdp * tensor > 1:
         assert per_device_elems < total, "no parameter is sharded on this mesh"
-    tokens = sharded_batch["tokens"]
+    tokens = sharded_batch.tokens
     assert tokens.addressable_shards[0].data.shape == (8 // (data * fsdp), tokens.shape[1])
     # The activation constraints took effect: logits leave batch- and vocab-sharded.
     assert out.logits.sharding.is_equivalent_to(

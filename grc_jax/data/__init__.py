@@ -1,7 +1,6 @@
 """Data: example layout and row packing (DESIGN.md sections 1-3)."""
 
 from grc_jax.data.layout import (
-    ROW_KEYS,
     Block,
     Example,
     LayoutError,
@@ -16,7 +15,6 @@ from grc_jax.data.layout import (
 )
 
 __all__ = [
-    "ROW_KEYS",
     "Block",
     "Example",
     "LayoutError",

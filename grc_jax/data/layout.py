@@ -13,11 +13,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from grc_jax.core.batch import ROW_FIELDS, Rows
 from grc_jax.core.constants import MEMORY_MODES
 from grc_jax.core.errors import DataError
 from grc_jax.core.roles import GEN, LATENT, PAD, TEXT, Role
 
-ROW_KEYS = ("tokens", "segment_ids", "block_ids", "roles", "positions")
 _EXAMPLE_KEYS = ("tokens", "block_ids", "roles", "positions")
 
 
@@ -176,7 +176,7 @@ def layout_example(
 def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
     # Padding: token 0, segment 0, block 0, role PAD (= 0), position 0.
     assert int(PAD) == 0
-    return {key: np.zeros(seq_len, np.int32) for key in ROW_KEYS}
+    return {key: np.zeros(seq_len, np.int32) for key in ROW_FIELDS}
 
 
 class RowPacker:
@@ -184,7 +184,7 @@ class RowPacker:
 
     Examples are never split. `add` returns the rows it finished (zero or one); `flush` returns the
     partly filled last row, if any. Each row is a dict of 1-D int32 arrays of length `seq_len`
-    with keys `ROW_KEYS`; `segment_ids` count 1, 2, 3, ... per example within a row, 0 = padding.
+    with keys `ROW_FIELDS`; `segment_ids` count 1, 2, 3, ... per example within a row, 0 = padding.
     """
 
     def __init__(self, seq_len: int, num_latents: int, memory_mode: str):
@@ -232,17 +232,17 @@ class RowPacker:
         return [row]
 
 
-def stack_rows(rows: Sequence[dict[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
-    """Rows from `RowPacker` -> dict of int32 `[n_rows, seq_len]` arrays."""
+def stack_rows(rows: Sequence[dict[str, np.ndarray]], seq_len: int) -> Rows:
+    """Rows from `RowPacker` -> `Rows` of int32 `[n_rows, seq_len]` arrays."""
     if not rows:
-        return {key: np.zeros((0, seq_len), np.int32) for key in ROW_KEYS}
-    return {key: np.stack([row[key] for row in rows]) for key in ROW_KEYS}
+        return Rows(*(np.zeros((0, seq_len), np.int32) for _ in ROW_FIELDS))
+    return Rows(*(np.stack([row[key] for row in rows]) for key in ROW_FIELDS))
 
 
 def pack_examples(
     examples: Iterable[Example], seq_len: int, num_latents: int, memory_mode: str
-) -> dict[str, np.ndarray]:
-    """Pack examples greedily in order into int32 `[n_rows, seq_len]` arrays (keys `ROW_KEYS`)."""
+) -> Rows:
+    """Pack examples greedily in order into `Rows` of int32 `[n_rows, seq_len]` arrays."""
     packer = RowPacker(seq_len, num_latents, memory_mode)
     rows = []
     for example in examples:
@@ -253,16 +253,16 @@ def pack_examples(
 
 def one_per_row(
     examples: Sequence[Example], num_latents: int, memory_mode: str, bucket: int = 32
-) -> dict[str, np.ndarray]:
+) -> Rows:
     """Lay out each example in its own row, padded to a multiple of `bucket` tokens (so that
     inference and evaluation passes compile for few distinct shapes)."""
     laid = [layout_example(e, num_latents, memory_mode) for e in examples]
     longest = max(len(e["tokens"]) for e in laid)
     t = max(bucket, -(-longest // bucket) * bucket)
-    rows = {key: np.zeros((len(laid), t), np.int32) for key in ROW_KEYS}
+    rows = {key: np.zeros((len(laid), t), np.int32) for key in ROW_FIELDS}
     for i, e in enumerate(laid):
         n = len(e["tokens"])
         for key in _EXAMPLE_KEYS:
             rows[key][i, :n] = e[key]
         rows["segment_ids"][i, :n] = 1
-    return rows
+    return Rows(**rows)

@@ -24,9 +24,10 @@ from typing import Any
 import grain
 import numpy as np
 
+from grc_jax.core.batch import ROW_FIELDS, Batch, Rows
 from grc_jax.core.config import Config
 from grc_jax.core.roles import DOC, GEN, LATENT, QUERY
-from grc_jax.data.layout import ROW_KEYS, Example, gen, latents, layout_example, text
+from grc_jax.data.layout import Example, gen, latents, layout_example, text
 from grc_jax.data.schema import BadLineError, GRCRecord, parse_record
 from grc_jax.data.tokenizer import Tokenizer
 
@@ -79,9 +80,9 @@ def make_group(
     )
 
 
-def loss_targets(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def loss_targets(rows: Rows) -> dict[str, np.ndarray]:
     """`targets`, `gen_weights`, `comp_weights` `[B, T]` from packed rows (see train/losses.py)."""
-    tokens, seg, blk, roles = (rows[k] for k in ("tokens", "segment_ids", "block_ids", "roles"))
+    tokens, seg, blk, roles = rows.tokens, rows.segment_ids, rows.block_ids, rows.roles
     b, t = tokens.shape
     targets = np.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
@@ -124,7 +125,7 @@ class BatchBuilder:
         self.reset()
 
     def reset(self) -> None:
-        self.arrays = {key: np.zeros((self.rows, self.seq_len), np.int32) for key in ROW_KEYS}
+        self.arrays = {key: np.zeros((self.rows, self.seq_len), np.int32) for key in ROW_FIELDS}
         self.meta = {
             key: np.zeros((self.rows, self.slots), np.int32)
             for key in ("seg_kind", "seg_group", "seg_positive", "seg_doc")
@@ -165,14 +166,15 @@ class BatchBuilder:
         self.groups += 1
         return True
 
-    def finish(self) -> dict[str, np.ndarray]:
-        batch = {**self.arrays, **self.meta, **loss_targets(self.arrays)}
+    def finish(self) -> Batch:
+        rows = Rows(**self.arrays)
+        batch = Batch(**self.arrays, **self.meta, **loss_targets(rows))
         self.reset()
         return batch
 
 
 class GRCBatchDataset(grain.IterDataset):
-    """Packs a parent iterator of `Group`s into batch dicts; see `BatchBuilder`."""
+    """Packs a parent iterator of `Group`s into `Batch`es; see `BatchBuilder`."""
 
     def __init__(self, parent: grain.IterDataset, builder_args: dict[str, int]):
         super().__init__(parent)
@@ -192,7 +194,7 @@ class _GRCBatchIterator(grain.DatasetIterator):
         self._pending: Group | None = None
         self._pending_state = parent.get_state()
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         while True:
             if self._pending is None:
                 self._pending_state = self._parent.get_state()

@@ -1,4 +1,4 @@
-"""Page pool, block tables and the shared latent-memory pool of the inference engine."""
+"""The paged text KV cache of the inference engine: page pool, block tables, empty cache."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import Config
 from grc_jax.core.errors import MemoryMismatchError
 from grc_jax.core.roles import LATENT, TEXT
@@ -119,7 +120,7 @@ class Engine:
 
     # ------------------------------------------------------------------ memories and embeddings
 
-    def _rows(self, examples) -> dict[str, np.ndarray]:
+    def _rows(self, examples) -> Rows:
         return one_per_row(examples, self.K, self.cfg.grc.memory_mode)
 
     def _embedding_dim(self) -> int:
@@ -133,8 +134,8 @@ class Engine:
     def _embed_rows(self, rows) -> tuple[Any, np.ndarray]:
         out = self._forward(self.model_params, rows)
         pooled = pool_latents(
-            out.hidden, jnp.asarray(rows["segment_ids"]), jnp.asarray(rows["block_ids"]),
-            jnp.asarray(rows["roles"]), 1, self.cfg.grc.pooling,
+            out.hidden, jnp.asarray(rows.segment_ids), jnp.asarray(rows.block_ids),
+            jnp.asarray(rows.roles), 1, self.cfg.grc.pooling,
         )  # fmt: skip
         return out, np.asarray(embed_from_pooled(self.head, pooled[:, 0]))
 
@@ -174,8 +175,8 @@ class Engine:
             out, emb = self._embed_rows(rows)
             k_all, v_all = (np.asarray(a) for a in out.kv)  # [L, b, t, G, D]
             for j, d in enumerate(docs):
-                lat = np.where(rows["roles"][j] == LATENT)[0]
-                first = int(rows["positions"][j, lat[0]])
+                lat = np.where(rows.roles[j] == LATENT)[0]
+                first = int(rows.positions[j, lat[0]])
                 k = self._canonical(k_all[:, j, lat], first)
                 results.append((self._memory(k, v_all[:, j, lat], len(d)), emb[j]))
         return results

@@ -1,4 +1,4 @@
-"""The parameters a GRC run trains: the transformer, the embedding head and optional LoRA factors."""
+"""The parameters a GRC run trains: the transformer, the embedding head, optional LoRA factors."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.core.roles import LATENT
 from grc_jax.core.sharding import constrain
@@ -157,18 +158,18 @@ def forward(
     params: Any,
     cfg: ModelConfig,
     grc: GRCConfig,
-    batch: dict[str, Array],
+    rows: Rows,
     return_kv: bool = False,
 ) -> ModelOutput:
-    """One forward pass over a packed batch (tokens, segment_ids, block_ids, roles, positions)."""
+    """One forward pass over packed rows (a `Batch` is `Rows` too)."""
     model = build_model(cfg, grc)
     return model.apply(
         {"params": params},
-        batch["tokens"],
-        batch["segment_ids"],
-        batch["block_ids"],
-        batch["roles"],
-        batch["positions"],
+        rows.tokens,
+        rows.segment_ids,
+        rows.block_ids,
+        rows.roles,
+        rows.positions,
         return_kv=return_kv,
     )
 

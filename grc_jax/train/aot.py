@@ -69,18 +69,17 @@ def topology_name(accelerator: str) -> tuple[str, str]:
     return gen, f"{'v5e' if gen == 'v5litepod' else gen}:{shapes[chips]}"
 
 
-def abstract_batch(cfg) -> dict[str, Any]:
+def abstract_batch(cfg) -> Any:
     """Shapes and dtypes of one global training batch (from the pipeline's own batch builder)."""
     import jax
 
     from grc_jax.data.pipeline import BatchBuilder, slots_per_row
 
-    # One empty row has every key with its per-row shape and dtype; the batch stacks B of them.
+    # One empty row has every field with its per-row shape and dtype; the batch stacks B of them.
     one_row = BatchBuilder(1, cfg.data.seq_len, slots_per_row(cfg), 1, 0).finish()
-    return {
-        k: jax.ShapeDtypeStruct((cfg.data.batch_size, *v.shape[1:]), v.dtype)
-        for k, v in one_row.items()
-    }
+    return jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct((cfg.data.batch_size, *v.shape[1:]), v.dtype), one_row
+    )
 
 
 def _jitted(step: Any) -> Any:

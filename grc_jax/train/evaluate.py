@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import Config
 from grc_jax.core.roles import GEN, TEXT
 from grc_jax.data.layout import gen, latents, one_per_row, text
@@ -49,7 +50,7 @@ class Evaluator:
         def embed(params, batch):
             out = fwd(params, batch)
             pooled = pool_latents(
-                out.hidden, batch["segment_ids"], batch["block_ids"], batch["roles"], 1, g.pooling
+                out.hidden, batch.segment_ids, batch.block_ids, batch.roles, 1, g.pooling
             )
             return embed_from_pooled(params.head, pooled[:, 0])
 
@@ -96,13 +97,13 @@ class Evaluator:
             done = np.zeros(len(chunk), bool)
             for _ in range(max_new):
                 valid = np.arange(t)[None, :] < lengths[:, None]
-                batch = {
-                    "tokens": tokens,
-                    "segment_ids": valid.astype(np.int32),
-                    "block_ids": np.zeros_like(tokens),
-                    "roles": np.where(valid, TEXT, 0).astype(np.int32),
-                    "positions": np.tile(np.arange(t, dtype=np.int32), (len(chunk), 1)),
-                }
+                batch = Rows(
+                    tokens=tokens,
+                    segment_ids=valid.astype(np.int32),
+                    block_ids=np.zeros_like(tokens),
+                    roles=np.where(valid, TEXT, 0).astype(np.int32),
+                    positions=np.tile(np.arange(t, dtype=np.int32), (len(chunk), 1)),
+                )
                 nxt = np.asarray(self._next(params, batch, jnp.asarray(lengths - 1)))
                 for i in range(len(chunk)):
                     if not done[i]:
@@ -139,10 +140,10 @@ class Evaluator:
                 for d in chunk
             ]
             rows = one_per_row(exs, k, mode)
-            targets = np.zeros_like(rows["tokens"])
-            targets[:, :-1] = rows["tokens"][:, 1:]
-            weights = np.zeros(rows["tokens"].shape, np.float32)
-            weights[:, :-1] = (rows["roles"][:, 1:] == GEN) & (rows["block_ids"][:, 1:] == 1)
+            targets = np.zeros_like(rows.tokens)
+            targets[:, :-1] = rows.tokens[:, 1:]
+            weights = np.zeros(rows.tokens.shape, np.float32)
+            weights[:, :-1] = (rows.roles[:, 1:] == GEN) & (rows.block_ids[:, 1:] == 1)
             h, n = self._comp(params, rows, weights, targets)
             hits, total = hits + float(h), total + float(n)
         return hits / max(total, 1.0)

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from grc_jax.core.batch import Batch
 from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.model import forward
 from grc_jax.model.params import GRCParams
@@ -31,7 +32,7 @@ from grc_jax.train.losses import (
 )
 
 
-def split_microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+def split_microbatches(batch: Batch, n: int) -> Batch:
     """`[B, ...] -> [n, B // n, ...]`, microbatch i = rows i, i + n, ... (strided, so a batch
     sharded over devices gives every device a share of every microbatch)."""
 
@@ -47,7 +48,7 @@ def loss_and_grads(
     params: GRCParams,
     model_cfg: ModelConfig,
     grc: GRCConfig,
-    batch: dict[str, jax.Array],
+    batch: Batch,
     microbatches: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
     """(total loss, metrics, gradients) of `grc_loss`; microbatched with GradCache when > 1."""
@@ -58,8 +59,8 @@ def loss_and_grads(
         return loss, metrics, grads
 
     w = grc.loss_weights
-    gen_n = jnp.maximum(jnp.sum(batch["gen_weights"]), 1.0)
-    comp_n = jnp.maximum(jnp.sum(batch["comp_weights"]), 1.0)
+    gen_n = jnp.maximum(jnp.sum(batch.gen_weights), 1.0)
+    comp_n = jnp.maximum(jnp.sum(batch.comp_weights), 1.0)
     mbs = split_microbatches(batch, microbatches)
 
     # Pass 1: embeddings of every microbatch, no gradients kept.
@@ -83,8 +84,8 @@ def loss_and_grads(
     # Pass 2: re-forward each microbatch with gradients on its surrogate loss.
     def surrogate(p, mb, g):
         out = forward(p.merged(model_cfg.scan_layers), model_cfg, grc, mb)
-        gen_sum, _ = token_cross_entropy(out.logits, mb["targets"], mb["gen_weights"])
-        comp_sum, _ = token_cross_entropy(out.logits, mb["targets"], mb["comp_weights"])
+        gen_sum, _ = token_cross_entropy(out.logits, mb.targets, mb.gen_weights)
+        comp_sum, _ = token_cross_entropy(out.logits, mb.targets, mb.comp_weights)
         e = slot_embeddings(p.head, out.hidden, mb, grc)
         value = w.gen * gen_sum / gen_n + w.comp * comp_sum / comp_n + w.rep * jnp.sum(e * g)
         return value, (gen_sum, comp_sum)
@@ -103,7 +104,7 @@ def loss_and_grads(
     # The temperature's gradient comes from pass 1 only (it does not enter the embeddings).
     grads = grads.replace(head=jax.tree.map(lambda a, b: a + w.rep * b, grads.head, g_head))
     loss, metrics = combine_losses(
-        grc, gen_sum, jnp.sum(batch["gen_weights"]), l_rep * rep_n, rep_n, comp_sum,
-        jnp.sum(batch["comp_weights"]),
+        grc, gen_sum, jnp.sum(batch.gen_weights), l_rep * rep_n, rep_n, comp_sum,
+        jnp.sum(batch.comp_weights),
     )  # fmt: skip
     return loss, metrics, grads

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from grc_jax.checkpoints import RunCheckpoints, load_imported, run_dir
+from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config, save_config
 from grc_jax.core.errors import CheckpointError, NonFiniteLossError
 from grc_jax.core.sharding import make_mesh
@@ -74,7 +75,7 @@ def _eval_params(params: Any) -> Any:
     return process_allgather(params, tiled=True)
 
 
-def _global_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+def _global_batch(batch: Batch, shardings: Batch) -> Batch:
     """The global batch (identical on every process) as sharded arrays: each process places only
     the rows that its own devices hold."""
     return jax.tree.map(
@@ -177,7 +178,7 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first), mesh
     )
     step_fn = make_train_step(cfg, mesh, shardings, bsh)
-    flops_per_step = train_flops_per_step(cfg, first["tokens"].shape[0])
+    flops_per_step = train_flops_per_step(cfg, first.tokens.shape[0])
     peak = measure_matmul_flops(mesh)
     end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
     bar = tqdm(total=end, initial=start, disable=quiet or not is_main, desc="train", unit="step")
@@ -189,7 +190,7 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
         while step < end:
             batch = pending if pending is not None else next(data_iter)
             pending = None
-            tokens_since += int(np.sum(batch["segment_ids"] != 0))
+            tokens_since += int(np.sum(batch.segment_ids != 0))
             state, metrics = step_fn(state, _global_batch(batch, bsh))
             step += 1
             steps_since += 1

@@ -1,19 +1,12 @@
 """The three GRC losses from ONE forward pass (DESIGN.md section 4).
 
-Batch arrays (built by `grc_jax.data.pipeline`), `[B, T]` unless noted:
-
-- `tokens, segment_ids, block_ids, roles, positions`: the packed rows (model inputs);
-- `targets`: the token at `t + 1` (what position `t` predicts);
-- `gen_weights` / `comp_weights`: 1.0 where position `t` predicts a `GEN` token of a consumer
-  block, i.e. a block without latents after a compression block of its example (`L_comp`), or any
-  other `GEN` token: compression blocks, plain generation examples (`L_gen`); both tokens in the
-  same block of the same example; 0.0 elsewhere;
-- per example slot, `[B, S]` (`S` = most examples per row): `seg_kind` (0 empty, 1 query,
-  2 document),
-  `seg_group` (query id, unique in the global batch; a document carries the id of the query it
-  belongs to), `seg_positive` (1 on a query's positive document), `seg_doc` (hash of the document
-  text; on a query, the hash of its positive), used to drop duplicate copies of a positive from
-  the negatives.
+The batch is a `grc_jax.core.batch.Batch` (built by `grc_jax.data.pipeline`): the packed rows, the
+next-token `targets`, and `gen_weights` / `comp_weights`, 1.0 where position `t` predicts a `GEN`
+token of a consumer block, i.e. a block without latents after a compression block of its example
+(`L_comp`), or any other `GEN` token: compression blocks, plain generation examples (`L_gen`);
+both tokens in the same block of the same example. Its per-slot fields (`seg_kind`, `seg_group`,
+`seg_positive`, `seg_doc`) drive InfoNCE; `seg_doc` drops duplicate copies of a positive from
+the negatives.
 
 Normalisation: `L_gen` and `L_comp` are sums of token cross-entropies divided by the number of
 target tokens of that kind in the GLOBAL batch (every target token weighs the same, whatever its
@@ -27,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from grc_jax.core.batch import Batch
 from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.core.roles import DOC, QUERY
 from grc_jax.model import forward
@@ -75,37 +69,37 @@ def info_nce(
 
 def slot_embeddings(head: HeadParams, hidden, batch, grc: GRCConfig) -> Float[Array, "n p"]:
     """Normalised embeddings of every example slot of the batch, flattened to `[B * S, P]`."""
-    num_slots = batch["seg_kind"].shape[1]
+    num_slots = batch.seg_kind.shape[1]
     pooled = pool_latents(
-        hidden, batch["segment_ids"], batch["block_ids"], batch["roles"], num_slots, grc.pooling
+        hidden, batch.segment_ids, batch.block_ids, batch.roles, num_slots, grc.pooling
     )
     emb = embed_from_pooled(head, pooled)
     return emb.reshape(-1, emb.shape[-1])
 
 
-def _flat(batch, key):
-    return batch[key].reshape(-1)
+def _flat(x: Array) -> Array:
+    return x.reshape(-1)
 
 
 def rep_loss_from_embeddings(emb, head, batch, grc: GRCConfig) -> tuple[Array, Array]:
     return info_nce(
         emb,
-        _flat(batch, "seg_kind"),
-        _flat(batch, "seg_group"),
-        _flat(batch, "seg_positive"),
-        _flat(batch, "seg_doc"),
+        _flat(batch.seg_kind),
+        _flat(batch.seg_group),
+        _flat(batch.seg_positive),
+        _flat(batch.seg_doc),
         temperature(head, grc),
     )
 
 
 def grc_loss(
-    params: GRCParams, model_cfg: ModelConfig, grc: GRCConfig, batch: dict[str, Array]
+    params: GRCParams, model_cfg: ModelConfig, grc: GRCConfig, batch: Batch
 ) -> tuple[Array, dict[str, Array]]:
     """`L = w_gen L_gen + w_rep L_rep + w_comp L_comp` from one `model.apply`; returns (L, metrics).
     """
     out = forward(params.merged(model_cfg.scan_layers), model_cfg, grc, batch)
-    gen_sum, gen_n = token_cross_entropy(out.logits, batch["targets"], batch["gen_weights"])
-    comp_sum, comp_n = token_cross_entropy(out.logits, batch["targets"], batch["comp_weights"])
+    gen_sum, gen_n = token_cross_entropy(out.logits, batch.targets, batch.gen_weights)
+    comp_sum, comp_n = token_cross_entropy(out.logits, batch.targets, batch.comp_weights)
     emb = slot_embeddings(params.head, out.hidden, batch, grc)
     rep_sum, rep_n = rep_loss_from_embeddings(emb, params.head, batch, grc)
     return combine_losses(grc, gen_sum, gen_n, rep_sum, rep_n, comp_sum, comp_n)

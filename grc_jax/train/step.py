@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config
 from grc_jax.core.sharding import activation_sharding, logical_to_spec
 from grc_jax.train.grad import loss_and_grads
@@ -17,7 +17,7 @@ from grc_jax.train.optim import lr_schedule, make_optimizer
 from grc_jax.train.state import TrainState
 
 
-def batch_shardings(batch_shape: dict[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+def batch_shardings(batch_shape: Batch, mesh: Mesh) -> Batch:
     """Every batch array is split over ("data", "fsdp") on its leading (row) axis."""
 
     def one(x):
@@ -28,12 +28,12 @@ def batch_shardings(batch_shape: dict[str, Any], mesh: Mesh) -> dict[str, NamedS
 
 
 def make_train_step(
-    cfg: Config, mesh: Mesh, shardings: TrainState, batch_sharding: dict[str, NamedSharding]
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    cfg: Config, mesh: Mesh, shardings: TrainState, batch_sharding: Batch
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`, jitted with explicit in/out shardings."""
     schedule = lr_schedule(cfg.train)
 
-    def step(state: TrainState, batch: dict[str, jax.Array]):
+    def step(state: TrainState, batch: Batch):
         optimizer = make_optimizer(cfg.train, state.params)
         loss, metrics, grads = loss_and_grads(
             state.params, cfg.model, cfg.grc, batch, cfg.train.microbatches

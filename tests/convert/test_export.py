@@ -24,6 +24,7 @@ from grc_jax.cli import main as grc_main
 from grc_jax.convert.export import export_checkpoint, export_params, load_export
 from grc_jax.convert.hf_import import import_checkpoint, read_safetensors
 from grc_jax.convert.param_map import params_to_hf
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import (
     Config,
     ConfigError,
@@ -97,14 +98,14 @@ def grc_module(model):
 
 
 def jax_logits(cfg, model_params, rows) -> np.ndarray:
-    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    batch = jax.tree.map(jnp.asarray, rows)
     return np.asarray(forward(model_params, cfg.model, cfg.grc, batch).logits)
 
 
-def plain_rows(ids: np.ndarray) -> dict[str, np.ndarray]:
+def plain_rows(ids: np.ndarray) -> Rows:
     ones = np.ones_like(ids)
     positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
-    return dict(tokens=ids, segment_ids=ones, block_ids=0 * ones, roles=TEXT * ones,
+    return Rows(tokens=ids, segment_ids=ones, block_ids=0 * ones, roles=TEXT * ones,
                 positions=np.ascontiguousarray(positions))  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from grc_jax.cli import main as grc_main
 from grc_jax.convert.hf_config import hf_config_from_model, model_config_from_hf
 from grc_jax.convert.hf_import import import_checkpoint, load_hf_dir
 from grc_jax.convert.param_map import expected_hf_shapes, hf_to_params
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import Config, GRCConfig
 from grc_jax.model.transformer import forward
 
@@ -98,7 +99,7 @@ def hf_logits(model, tokens, positions) -> np.ndarray:
 
 def grc_logits(params, cfg, tokens, positions) -> np.ndarray:
     ones = jnp.ones(tokens.shape, jnp.int32)
-    inputs = dict(
+    inputs = Rows(
         tokens=jnp.asarray(tokens),
         segment_ids=ones,
         block_ids=jnp.zeros_like(ones),

@@ -16,6 +16,7 @@ import transformers
 from grc_jax.checkpoints import load_imported
 from grc_jax.convert.gguf import byte_alphabet, permute_qk, unpermute_qk
 from grc_jax.convert.hf_import import import_checkpoint
+from grc_jax.core.batch import Rows
 from grc_jax.model.transformer import forward
 
 from .test_hf_parity import CASES, TOL, batch, hf_logits, make_hf_model
@@ -41,7 +42,7 @@ def _logits(params, cfg, tokens, positions=None) -> np.ndarray:
     ones = jnp.ones_like(tokens)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    inputs = dict(
+    inputs = Rows(
         tokens=tokens,
         segment_ids=ones,
         block_ids=0 * ones,

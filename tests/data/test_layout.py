@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from grc_jax.core.batch import ROW_FIELDS, Rows
 from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
 from grc_jax.data.layout import (
-    ROW_KEYS,
     LayoutError,
     RowPacker,
     Span,
@@ -154,17 +154,18 @@ def test_pack_rows_segments_and_padding():
     ex_d = [[text([10])]]  # 1 token
     # seq_len 7: a+b fill 6 (c does not fit -> new row), c+d fill 6.
     rows = pack_examples([ex_a, ex_b, ex_c, ex_d], 7, k, "independent")
-    assert set(rows) == set(ROW_KEYS)
-    for key in ROW_KEYS:
-        assert rows[key].dtype == np.int32 and rows[key].shape == (2, 7), key
-    np.testing.assert_array_equal(rows["tokens"], [[1, 2, 0, 3, 4, 5, 0], [6, 0, 7, 8, 9, 10, 0]])
+    assert isinstance(rows, Rows)
+    for key in ROW_FIELDS:
+        v = getattr(rows, key)
+        assert v.dtype == np.int32 and v.shape == (2, 7), key
+    np.testing.assert_array_equal(rows.tokens, [[1, 2, 0, 3, 4, 5, 0], [6, 0, 7, 8, 9, 10, 0]])
     np.testing.assert_array_equal(
-        rows["segment_ids"], [[1, 1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 2, 0]]
+        rows.segment_ids, [[1, 1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 2, 0]]
     )
-    np.testing.assert_array_equal(rows["block_ids"], [[0, 0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(rows["roles"], [[T, T, L, G, G, G, P], [T, L, G, G, G, T, P]])
+    np.testing.assert_array_equal(rows.block_ids, [[0, 0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(rows.roles, [[T, T, L, G, G, G, P], [T, L, G, G, G, T, P]])
     np.testing.assert_array_equal(
-        rows["positions"], [[-2, -1, 0, 1, 0, 1, 0], [-1, 0, 1, 2, 3, 0, 0]]
+        rows.positions, [[-2, -1, 0, 1, 0, 1, 0], [-1, 0, 1, 2, 3, 0, 0]]
     )
 
 
@@ -174,22 +175,23 @@ def test_pack_is_greedy_in_order_and_never_splits():
     examples = [[[gen([i] * n)]] for i, n in zip((1, 2, 3, 4), (5, 4, 2, 3), strict=True)]
     rows = pack_examples(examples, 8, 2, "recurrent")
     np.testing.assert_array_equal(
-        rows["tokens"],
+        rows.tokens,
         [[1, 1, 1, 1, 1, 0, 0, 0], [2, 2, 2, 2, 3, 3, 0, 0], [4, 4, 4, 0, 0, 0, 0, 0]],
     )
     np.testing.assert_array_equal(
-        rows["segment_ids"],
+        rows.segment_ids,
         [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]],
     )
 
 
 def test_pack_exact_fit_and_empty_input():
     rows = pack_examples([[[gen([1, 2, 3])]], [[gen([4])]]], 3, 2, "independent")
-    np.testing.assert_array_equal(rows["tokens"], [[1, 2, 3], [4, 0, 0]])
-    np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(rows.tokens, [[1, 2, 3], [4, 0, 0]])
+    np.testing.assert_array_equal(rows.segment_ids, [[1, 1, 1], [1, 0, 0]])
     empty = pack_examples([], 5, 2, "independent")
-    assert set(empty) == set(ROW_KEYS)
-    assert all(v.shape == (0, 5) and v.dtype == np.int32 for v in empty.values())
+    assert isinstance(empty, Rows)
+    fields = [getattr(empty, key) for key in ROW_FIELDS]
+    assert all(v.shape == (0, 5) and v.dtype == np.int32 for v in fields)
 
 
 def _random_example(rng, k):
@@ -223,15 +225,15 @@ def test_row_packer_streaming_equals_pack_examples(mode):
     streamed += packer.flush()
     assert packer.flush() == []
     packed = pack_examples(examples, seq_len, k, mode)
-    assert packed["tokens"].shape[0] == len(streamed) > 1
-    for key in ROW_KEYS:
-        np.testing.assert_array_equal(np.stack([r[key] for r in streamed]), packed[key])
+    assert packed.tokens.shape[0] == len(streamed) > 1
+    for key in ROW_FIELDS:
+        np.testing.assert_array_equal(np.stack([r[key] for r in streamed]), getattr(packed, key))
     # Every example lands whole and in order: concatenating each row's segments gives them back.
     laid = [layout_example(e, k, mode) for e in examples]
     got = [
-        packed["tokens"][r][packed["segment_ids"][r] == s]
+        packed.tokens[r][packed.segment_ids[r] == s]
         for r in range(len(streamed))
-        for s in range(1, packed["segment_ids"][r].max() + 1)
+        for s in range(1, packed.segment_ids[r].max() + 1)
     ]
     assert len(got) == len(laid)
     for g, want in zip(got, laid, strict=True):

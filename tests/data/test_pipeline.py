@@ -1,13 +1,15 @@
 """The training pipeline: example structure, loss targets, whole-group packing, and the grain
 dataset (shapes, positives in-batch, resumable state, per-process shards, bad lines, big groups)."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+from grc_jax.core.batch import ROW_FIELDS, Batch, Rows
 from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
-from grc_jax.data.layout import ROW_KEYS, gen, latents, layout_example, text
+from grc_jax.data.layout import gen, latents, layout_example, text
 from grc_jax.data.pipeline import (
     DOC,
     QUERY,
@@ -116,12 +118,12 @@ def test_make_group():
 def _rows(*rows):
     """Rows given as lists of (token, segment, block, role) -> `[B, T]` int32 arrays."""
     t = max(len(r) for r in rows)
-    out = {k: np.zeros((len(rows), t), np.int32) for k in ROW_KEYS}
+    out = {k: np.zeros((len(rows), t), np.int32) for k in ROW_FIELDS}
     for b, row in enumerate(rows):
         for i, (tok, seg, blk, role) in enumerate(row):
             out["tokens"][b, i], out["segment_ids"][b, i] = tok, seg
             out["block_ids"][b, i], out["roles"][b, i] = blk, role
-    return out
+    return Rows(**out)
 
 
 def test_loss_targets_hand_built():
@@ -214,20 +216,20 @@ def test_batch_builder_places_groups_whole():
     _assert_same(_snapshot(builder), before)
     batch = builder.finish()
 
-    np.testing.assert_array_equal(batch["segment_ids"], [[1] * 6 + [2] * 4, [1] * 5 + [2] * 5])
-    np.testing.assert_array_equal(batch["tokens"][0, :4], [5] * 4)
-    np.testing.assert_array_equal(batch["tokens"][1, :3], [6] * 3)
-    np.testing.assert_array_equal(batch["seg_kind"], [[QUERY, DOC, 0], [QUERY, DOC, 0]])
-    np.testing.assert_array_equal(batch["seg_positive"], [[0, 1, 0], [0, 1, 0]])
-    np.testing.assert_array_equal(batch["seg_group"], [[1, 1, 0], [3, 3, 0]])  # index * 2 + 1
-    np.testing.assert_array_equal(batch["seg_doc"], [[105, 105, 0], [106, 106, 0]])
-    targets = loss_targets({k: batch[k] for k in ROW_KEYS})
+    np.testing.assert_array_equal(batch.segment_ids, [[1] * 6 + [2] * 4, [1] * 5 + [2] * 5])
+    np.testing.assert_array_equal(batch.tokens[0, :4], [5] * 4)
+    np.testing.assert_array_equal(batch.tokens[1, :3], [6] * 3)
+    np.testing.assert_array_equal(batch.seg_kind, [[QUERY, DOC, 0], [QUERY, DOC, 0]])
+    np.testing.assert_array_equal(batch.seg_positive, [[0, 1, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(batch.seg_group, [[1, 1, 0], [3, 3, 0]])  # index * 2 + 1
+    np.testing.assert_array_equal(batch.seg_doc, [[105, 105, 0], [106, 106, 0]])
+    targets = loss_targets(batch.rows)
     for key in targets:
-        np.testing.assert_array_equal(batch[key], targets[key], err_msg=key)
+        np.testing.assert_array_equal(getattr(batch, key), targets[key], err_msg=key)
     # finish() starts an empty batch whose group ids restart at the offset.
     assert builder.groups == 0 and not builder.arrays["segment_ids"].any()
     assert builder.try_add(_group([3], tag=7))
-    assert builder.finish()["seg_group"][0, 0] == 1
+    assert builder.finish().seg_group[0, 0] == 1
 
 
 def test_batch_builder_partial_fit_places_nothing():
@@ -239,10 +241,10 @@ def test_batch_builder_partial_fit_places_nothing():
     _assert_same(_snapshot(builder), before)
     assert builder.try_add(_group([3, 5, 5], tag=3))  # 3 after the 7 in row 0, 5 + 5 in row 1
     batch = builder.finish()
-    np.testing.assert_array_equal(batch["segment_ids"], [[1] * 7 + [2] * 3, [1] * 5 + [2] * 5])
-    np.testing.assert_array_equal(batch["seg_group"], [[0, 1, 0, 0], [1, 1, 0, 0]])
-    np.testing.assert_array_equal(batch["seg_kind"], [[QUERY, QUERY, 0, 0], [DOC, DOC, 0, 0]])
-    np.testing.assert_array_equal(batch["seg_positive"], [[0, 0, 0, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(batch.segment_ids, [[1] * 7 + [2] * 3, [1] * 5 + [2] * 5])
+    np.testing.assert_array_equal(batch.seg_group, [[0, 1, 0, 0], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(batch.seg_kind, [[QUERY, QUERY, 0, 0], [DOC, DOC, 0, 0]])
+    np.testing.assert_array_equal(batch.seg_positive, [[0, 0, 0, 0], [1, 0, 0, 0]])
 
 
 def test_batch_builder_slot_limit():
@@ -260,24 +262,25 @@ def _check_batch(batch, cfg, process_count=1):
     rows, seq = cfg.data.batch_size // process_count, cfg.data.seq_len
     slots = slots_per_row(cfg)
     k = cfg.grc.num_latents
-    int_keys = [*ROW_KEYS, "targets", "seg_kind", "seg_group", "seg_positive", "seg_doc"]
-    assert set(batch) == {*int_keys, "gen_weights", "comp_weights"}
+    int_keys = [*ROW_FIELDS, "targets", "seg_kind", "seg_group", "seg_positive", "seg_doc"]
+    assert isinstance(batch, Batch)
+    assert {f.name for f in dataclasses.fields(batch)} == {*int_keys, "gen_weights", "comp_weights"}
     for key in int_keys:
-        assert batch[key].dtype == np.int32, key
+        assert getattr(batch, key).dtype == np.int32, key
     for key in ("gen_weights", "comp_weights"):
-        assert batch[key].dtype == np.float32, key
-    for key in (*ROW_KEYS, "targets", "gen_weights", "comp_weights"):
-        assert batch[key].shape == (rows, seq), key
+        assert getattr(batch, key).dtype == np.float32, key
+    for key in (*ROW_FIELDS, "targets", "gen_weights", "comp_weights"):
+        assert getattr(batch, key).shape == (rows, seq), key
     for key in ("seg_kind", "seg_group", "seg_positive", "seg_doc"):
-        assert batch[key].shape == (rows, slots), key
+        assert getattr(batch, key).shape == (rows, slots), key
 
-    seg, roles, blk = batch["segment_ids"], batch["roles"], batch["block_ids"]
+    seg, roles, blk = batch.segment_ids, batch.roles, batch.block_ids
     assert ((seg == 0) == (roles == P)).all()
     for r in range(rows):
         for s in range(slots):
             where = np.flatnonzero(seg[r] == s + 1)
-            if batch["seg_kind"][r, s] == 0:
-                assert where.size == 0 and batch["seg_group"][r, s] == 0
+            if batch.seg_kind[r, s] == 0:
+                assert where.size == 0 and batch.seg_group[r, s] == 0
                 continue
             assert where.size > 0, (r, s)
             assert (np.diff(where) == 1).all(), "an example must be contiguous"
@@ -287,15 +290,15 @@ def _check_batch(batch, cfg, process_count=1):
             assert ((roles[r, where] == G) & (blk[r, where] == 1)).sum() >= 2
 
     # Each query's positive is in the batch: same group, seg_positive = 1, same doc hash.
-    kind, group = batch["seg_kind"], batch["seg_group"]
+    kind, group = batch.seg_kind, batch.seg_group
     queries = np.argwhere(kind == QUERY)
     assert len(queries) > 0
     for r, s in queries:
         g = group[r, s]
-        assert batch["seg_positive"][r, s] == 0
-        pos = (kind == DOC) & (group == g) & (batch["seg_positive"] == 1)
+        assert batch.seg_positive[r, s] == 0
+        pos = (kind == DOC) & (group == g) & (batch.seg_positive == 1)
         assert pos.sum() == 1, f"query of group {g} has {pos.sum()} positives in its batch"
-        assert batch["seg_doc"][pos][0] == batch["seg_doc"][r, s]
+        assert batch.seg_doc[pos][0] == batch.seg_doc[r, s]
         assert ((kind == DOC) & (group == g)).sum() == 3  # positive + 2 hard negatives
     ids = group[kind == QUERY]
     assert len(set(ids.tolist())) == len(ids), "group ids must be unique in a batch"
@@ -306,14 +309,14 @@ def _query_texts(batch, tok):
     """Queries of a batch in group-id (i.e. consumption) order, decoded from their block 1."""
     out = []
     for r, s in sorted(
-        np.argwhere(batch["seg_kind"] == QUERY), key=lambda rs: batch["seg_group"][tuple(rs)]
+        np.argwhere(batch.seg_kind == QUERY), key=lambda rs: batch.seg_group[tuple(rs)]
     ):
         m = (
-            (batch["segment_ids"][r] == s + 1)
-            & (batch["block_ids"][r] == 1)
-            & (batch["roles"][r] == G)
+            (batch.segment_ids[r] == s + 1)
+            & (batch.block_ids[r] == 1)
+            & (batch.roles[r] == G)
         )
-        ids = batch["tokens"][r][m].tolist()
+        ids = batch.tokens[r][m].tolist()
         assert ids[-1] == tok.eos_id
         out.append(tok.decode(ids[:-1]))
     return out
@@ -326,9 +329,9 @@ def test_train_batches_shapes_and_positives(sp_tok, synth_dir):
     for _ in range(6):
         batch = next(it)
         _check_batch(batch, cfg)
-        assert batch["comp_weights"].sum() > 0 and batch["gen_weights"].sum() > 0
-        assert set(np.unique(batch["seg_group"][batch["seg_kind"] == QUERY])) == set(
-            range((batch["seg_kind"] == QUERY).sum())
+        assert batch.comp_weights.sum() > 0 and batch.gen_weights.sum() > 0
+        assert set(np.unique(batch.seg_group[batch.seg_kind == QUERY])) == set(
+            range((batch.seg_kind == QUERY).sum())
         )  # index * 1 + 0 in a single process
     assert parser.bad_lines == 0
 
@@ -338,12 +341,12 @@ def test_reasoning_dropout_extremes(sp_tok, synth_dir):
     for dropout, has_reasoning in ((0.0, True), (1.0, False)):
         ds, _ = train_dataset(tiny_config(f"data.reasoning_dropout={dropout}"), sp_tok, src)
         batch = next(iter(ds))
-        queries = np.argwhere(batch["seg_kind"] == QUERY)
+        queries = np.argwhere(batch.seg_kind == QUERY)
         for r, s in queries:
-            m = (batch["segment_ids"][r] == s + 1) & (batch["block_ids"][r] == 0)
-            assert (batch["roles"][r][m] == G).any() == has_reasoning
+            m = (batch.segment_ids[r] == s + 1) & (batch.block_ids[r] == 0)
+            assert (batch.roles[r][m] == G).any() == has_reasoning
         # L_gen only has reasoning targets.
-        assert (batch["gen_weights"].sum() > 0) == has_reasoning
+        assert (batch.gen_weights.sum() > 0) == has_reasoning
 
 
 def test_every_epoch_is_a_permutation(sp_tok, unique_records, tmp_path):
@@ -368,9 +371,11 @@ def _batches(it, n):
 def _assert_batches_equal(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        assert set(x) == set(y)
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+        assert type(x) is type(y) is Batch
+        for f in dataclasses.fields(x):
+            np.testing.assert_array_equal(
+                getattr(x, f.name), getattr(y, f.name), err_msg=f.name
+            )
 
 
 def test_state_resumes_identically(sp_tok, synth_dir):
@@ -413,8 +418,8 @@ def test_processes_see_disjoint_records(sp_tok, unique_records, tmp_path):
         for batch in ds:
             _check_batch(batch, cfg, process_count=2)  # 2 local rows each
             queries += _query_texts(batch, sp_tok)
-            groups += batch["seg_group"][batch["seg_kind"] > 0].tolist()
-            ids = sorted(batch["seg_group"][batch["seg_kind"] == QUERY].tolist())
+            groups += batch.seg_group[batch.seg_kind > 0].tolist()
+            ids = sorted(batch.seg_group[batch.seg_kind == QUERY].tolist())
             assert ids == [i * 2 + p for i in range(len(ids))]  # index * stride + offset
         assert queries and len(set(queries)) == len(queries)
         assert set(queries) <= {r["query"] for r in records[p::2]}, (
@@ -472,4 +477,4 @@ def test_finite_epochs_keep_the_last_partial_batch(tmp_path, sp_tok):
     ds, _ = train_dataset(tiny_config(), sp_tok, JsonlSource(path), num_epochs=1)
     batches = list(ds)
     assert len(batches) == 1
-    assert int((batches[0]["seg_kind"] == 1).sum()) == 3
+    assert int((batches[0].seg_kind == 1).sum()) == 3

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import Config, GRCConfig, ModelConfig
 from grc_jax.data.layout import layout_example
 from grc_jax.infer.engine import Engine, EngineOptions
@@ -100,7 +101,7 @@ class TrainForward:
         self.cfg, self.params = cfg, params.model
         self._fn = jax.jit(lambda p, b: forward(p, cfg.model, cfg.grc, b, return_kv=True))
 
-    def rows(self, examples) -> dict[str, np.ndarray]:
+    def rows(self, examples) -> Rows:
         assert len(examples) <= TRAIN_B
         rows = {
             k: np.zeros((TRAIN_B, TRAIN_T), np.int32)
@@ -113,12 +114,12 @@ class TrainForward:
             for key in ("tokens", "block_ids", "roles", "positions"):
                 rows[key][i, :n] = laid[key]
             rows["segment_ids"][i, :n] = 1
-        return rows
+        return Rows(**rows)
 
     def __call__(self, examples):
         """(rows, output) with output fields as numpy arrays."""
         rows = self.rows(examples)
-        out = self._fn(self.params, {k: jnp.asarray(v) for k, v in rows.items()})
+        out = self._fn(self.params, jax.tree.map(jnp.asarray, rows))
         kv = tuple(np.asarray(a) for a in out.kv)
         return rows, SimpleNamespace(
             logits=np.asarray(out.logits), hidden=np.asarray(out.hidden), kv=kv

@@ -104,8 +104,8 @@ def test_generation_over_memories_matches_training_layout(engine, train_forward,
         ]
         rows, out = train_forward(examples)
         for b, (p, g) in enumerate(zip(prompts, gens)):
-            start = int(np.flatnonzero(rows["block_ids"][b] == len(orders[b]))[0])
-            assert rows["positions"][b, start] == len(orders[b]) * K
+            start = int(np.flatnonzero(rows.block_ids[b] == len(orders[b]))[0])
+            assert rows.positions[b, start] == len(orders[b]) * K
             _assert_steps_match(g, out.logits[b], start + len(p) - 1)
 
 
@@ -122,9 +122,9 @@ def test_memories_change_generation(engine, tok, compressed):
 def _pooled_embedding(head, hidden, rows, pooling="mean"):
     pooled = pool_latents(
         jnp.asarray(hidden),
-        jnp.asarray(rows["segment_ids"]),
-        jnp.asarray(rows["block_ids"]),
-        jnp.asarray(rows["roles"]),
+        jnp.asarray(rows.segment_ids),
+        jnp.asarray(rows.block_ids),
+        jnp.asarray(rows.roles),
         1,
         pooling,
     )
@@ -145,8 +145,8 @@ def test_embed_and_compress_match_training_forward(
     np.testing.assert_allclose(np.stack([e for _, e in compressed]), got, atol=ATOL, rtol=0)
     k_all, v_all = out.kv  # [L, b, t, G, D]
     for b, (mem, _) in enumerate(compressed):
-        lat = np.flatnonzero(rows["roles"][b] == LATENT)
-        first = int(rows["positions"][b, lat[0]])
+        lat = np.flatnonzero(rows.roles[b] == LATENT)
+        first = int(rows.positions[b, lat[0]])
         np.testing.assert_allclose(mem.k, _canonical(k_all[:, b, lat], first, cfg_ind), atol=ATOL)
         np.testing.assert_allclose(mem.v, v_all[:, b, lat], atol=ATOL)
         assert mem.source_tokens == len(_ids(tok, DOCS[b]))
@@ -192,13 +192,13 @@ def test_recurrent_update_matches_training_layout(
     blocks += [[text(tok.encode(c)), latents(K)] for c in chunks]
     blocks += [[text(prompt + g.tokens)]]
     rows, out = train_forward_rec([blocks])
-    assert (np.diff(rows["positions"][0, rows["segment_ids"][0] > 0]) == 1).all()
-    consumer = int(np.flatnonzero(rows["block_ids"][0] == len(chunks) + 1)[0])
+    assert (np.diff(rows.positions[0, rows.segment_ids[0] > 0]) == 1).all()
+    consumer = int(np.flatnonzero(rows.block_ids[0] == len(chunks) + 1)[0])
     _assert_steps_match(g, out.logits[0], consumer + len(prompt) - 1)
     k_all, v_all = out.kv
     for blk, (m, e) in enumerate(zip(mems, embs)):
-        lat = np.flatnonzero((rows["block_ids"][0] == blk) & (rows["roles"][0] == LATENT))
-        first = int(rows["positions"][0, lat[0]])
+        lat = np.flatnonzero((rows.block_ids[0] == blk) & (rows.roles[0] == LATENT))
+        first = int(rows.positions[0, lat[0]])
         np.testing.assert_allclose(
             m.k,
             _canonical(k_all[:, 0, lat], first, cfg_rec),

@@ -207,11 +207,10 @@ def test_grc_mask_matches_reference_on_random_packed_rows(mode):
         k = int(rng.integers(1, 4))
         examples = [_random_example(rng, k) for _ in range(rng.integers(1, 6))]
         rows = pack_examples(examples, 40, k, mode)
-        got = np.asarray(
-            grc_mask(*(jnp.asarray(rows[n]) for n in ("segment_ids", "block_ids", "roles")), mode)
-        )
-        for r in range(rows["roles"].shape[0]):
-            seg, blk, role = (rows[n][r].tolist() for n in ("segment_ids", "block_ids", "roles"))
+        meta = (rows.segment_ids, rows.block_ids, rows.roles)
+        got = np.asarray(grc_mask(*(jnp.asarray(a) for a in meta), mode))
+        for r in range(rows.roles.shape[0]):
+            seg, blk, role = (a[r].tolist() for a in meta)
             want = reference_mask(seg, blk, role, mode)
             np.testing.assert_array_equal(got[r], want, err_msg=f"row {r}: {seg} {blk} {role}")
             # Padding sees nothing and is seen by nobody.
@@ -244,7 +243,7 @@ def _tiny(mode):
     grc = GRCConfig(num_latents=K, memory_mode=mode)
     params = init_params(TINY, grc, jax.random.key(0))
     run = jax.jit(lambda batch: forward(params, TINY, grc, batch))
-    return lambda rows: np.asarray(run({n: jnp.asarray(v) for n, v in rows.items()}).logits)
+    return lambda rows: np.asarray(run(jax.tree.map(jnp.asarray, rows)).logits)
 
 
 TEXT_IDS, GEN_IDS = [17, 3, 99, 42, 8, 61, 25], [5, 77, 120, 33, 9]
@@ -260,10 +259,12 @@ def _rows_with_memory(text_ids, mode, seq_len=None):
 
 def _prefix(rows, n, seq_len):
     """The first n tokens of a row (padded to seq_len): the same tokens at the same positions."""
-    out = {name: np.zeros((1, seq_len), np.int32) for name in rows}
-    for name, v in rows.items():
-        out[name][:, :n] = v[:, :n]
-    return out
+    def prefix(v):
+        out = np.zeros((1, seq_len), np.int32)
+        out[:, :n] = v[:, :n]
+        return out
+
+    return jax.tree.map(prefix, rows)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -285,8 +286,8 @@ def test_latents_are_non_intrusive(mode, row_len):
     n_b, n_c = N_TEXT + K, N_TEXT + K + 4
     run = _tiny(mode)
     if row_len is None:
-        la = run({name: v[:, :N_TEXT] for name, v in rows_c.items()})
-        lb = run({name: v[:, :n_b] for name, v in rows_c.items()})
+        la = run(jax.tree.map(lambda v: v[:, :N_TEXT], rows_c))
+        lb = run(jax.tree.map(lambda v: v[:, :n_b], rows_c))
     else:
         la = run(_prefix(rows_c, N_TEXT, row_len))
         lb = run(_prefix(rows_c, n_b, row_len))
@@ -319,8 +320,8 @@ def test_independent_text_offset_is_only_a_rope_shift():
     run = _tiny("independent")
     as_compression = _rows_with_memory(TEXT_IDS, "independent")
     alone = pack_examples([[[text(TEXT_IDS), gen(GEN_IDS)]]], N_TEXT, K, "independent")
-    np.testing.assert_array_equal(alone["positions"][0], np.arange(N_TEXT))
-    np.testing.assert_array_equal(as_compression["positions"][0, :N_TEXT], np.arange(-N_TEXT, 0))
+    np.testing.assert_array_equal(alone.positions[0], np.arange(N_TEXT))
+    np.testing.assert_array_equal(as_compression.positions[0, :N_TEXT], np.arange(-N_TEXT, 0))
     la = run(alone)
     lb = run(as_compression)[:, :N_TEXT]
     np.testing.assert_allclose(lb, la, rtol=1e-4, atol=1e-4)

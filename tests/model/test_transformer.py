@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.core.roles import GEN, LATENT, TEXT
 from grc_jax.model import abstract_params, forward, init_params, stack_layers, unstack_layers
@@ -36,14 +37,14 @@ def _batch(seed: int = 0) -> dict[str, jax.Array]:
     positions[0, :12] = np.arange(-8, 4)
     positions[0, 12:] = np.arange(4, 8)
     positions[1, 9:] = np.arange(7)
-    arrays = dict(
+    arrays = Rows(
         tokens=tokens,
         segment_ids=segment_ids,
         block_ids=block_ids,
         roles=roles,
         positions=positions,
     )
-    return {k: jnp.asarray(v, jnp.int32) for k, v in arrays.items()}
+    return jax.tree.map(lambda v: jnp.asarray(v, jnp.int32), arrays)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_bf16_compute_close_to_fp32(params):
     ref = _run(CFG, params, batch)
     low = _run(dataclasses.replace(CFG, dtype="bfloat16"), params, batch)
     assert low.hidden.dtype == jnp.bfloat16 and low.logits.dtype == jnp.float32
-    valid = np.asarray(batch["segment_ids"]) != 0
+    valid = np.asarray(batch.segment_ids) != 0
     err = np.abs(np.asarray(low.logits) - np.asarray(ref.logits))[valid]
     assert err.max() <= 2e-2, err.max()
 
@@ -121,14 +122,14 @@ def test_kv_output_matches_layer_keys(params):
     assert k_all.shape == (CFG.n_layers, 2, 16, CFG.n_kv_heads, CFG.head_dim)
     lp = params["layers_0"]
     x = np.where(
-        np.asarray(batch["roles"])[..., None] == LATENT,
-        np.asarray(params["latents"])[np.clip(np.asarray(batch["tokens"]), 0, 3)],
-        np.asarray(params["embed"])[np.asarray(batch["tokens"])],
+        np.asarray(batch.roles)[..., None] == LATENT,
+        np.asarray(params["latents"])[np.clip(np.asarray(batch.tokens), 0, 3)],
+        np.asarray(params["embed"])[np.asarray(batch.tokens)],
     )
     h = RMSNorm(CFG.rms_norm_eps).apply({"params": lp["attn_norm"]}, jnp.asarray(x))
     k = jnp.einsum("btd,dgh->btgh", h, lp["attn"]["k"]["kernel"])
     v = jnp.einsum("btd,dgh->btgh", h, lp["attn"]["v"]["kernel"])
-    cos, sin = rope_angles(batch["positions"], inverse_frequencies(CFG))
+    cos, sin = rope_angles(batch.positions, inverse_frequencies(CFG))
     np.testing.assert_allclose(k_all[0], apply_rope(k, cos, sin), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(v_all[0], v, rtol=1e-5, atol=1e-5)
 
@@ -139,8 +140,8 @@ def test_latent_table_feeds_latent_slots(params):
     base = _run(CFG, params, batch)
     bumped = dict(params, latents=params["latents"] + 1.0)
     other = _run(CFG, bumped, batch)
-    roles = np.asarray(batch["roles"])
-    block = np.asarray(batch["block_ids"])
+    roles = np.asarray(batch.roles)
+    block = np.asarray(batch.block_ids)
     text_block0 = (roles[0] != LATENT) & (block[0] == 0)
     np.testing.assert_array_equal(
         np.asarray(other.logits)[0, text_block0], np.asarray(base.logits)[0, text_block0]

@@ -119,7 +119,7 @@ def _batch(seed=0, rows=4, seq_len=96):
             docs=[100 + g, 100 + g, 200 + g],
         )
         assert builder.try_add(group), "test batch too small"
-    return {k: jnp.asarray(v) for k, v in builder.finish().items()}
+    return jax.tree.map(jnp.asarray, builder.finish())
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,8 @@ def test_combined_loss_is_weighted_sum_of_separate_terms(params):
     assert float(m["count/queries"]) == 6
     # Recompute each term separately from its own forward pass.
     out = forward(params.model, MODEL, grc, batch)
-    gs, gn = token_cross_entropy(out.logits, batch["targets"], batch["gen_weights"])
-    cs, cn = token_cross_entropy(out.logits, batch["targets"], batch["comp_weights"])
+    gs, gn = token_cross_entropy(out.logits, batch.targets, batch.gen_weights)
+    cs, cn = token_cross_entropy(out.logits, batch.targets, batch.comp_weights)
     np.testing.assert_allclose(float(m["loss/gen"]), float(gs / gn), rtol=1e-6)
     np.testing.assert_allclose(float(m["loss/comp"]), float(cs / cn), rtol=1e-6)
     want = 0.3 * float(m["loss/gen"]) + 1.7 * float(m["loss/rep"]) + 0.5 * float(m["loss/comp"])
@@ -193,7 +193,7 @@ def test_sharded_loss_equals_unsharded(params, devices):
     ref_loss, ref = jax.jit(lambda p, b: grc_loss(p, MODEL, grc, b))(params, batch)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharded = jax.device_put(batch, batch_shardings(batch, mesh))
-    assert sharded["tokens"].addressable_shards[0].data.shape[0] == 2  # rows really split
+    assert sharded.tokens.addressable_shards[0].data.shape[0] == 2  # rows really split
     with activation_sharding(mesh):
         loss, m = jax.jit(lambda p, b: grc_loss(p, MODEL, grc, b))(params, sharded)
     assert float(m["count/queries"]) == float(ref["count/queries"]) == 6

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from grc_jax.core.batch import Rows
 from grc_jax.core.config import Config, GRCConfig, ModelConfig, TrainConfig
 from grc_jax.core.trees import path_names
 from grc_jax.model import forward
@@ -75,13 +76,13 @@ def test_lora_starts_at_base_and_trains_only_factors():
     cfg = dataclasses.replace(CFG, train=TrainConfig(lora_rank=4, warmup_steps=1))
     params = init_grc_params(cfg, jax.random.key(0))
     assert len(params.lora) == MODEL.n_layers * 7  # q k v o gate up down per layer
-    batch = {
-        "tokens": jnp.arange(12)[None] % 60,
-        "segment_ids": jnp.ones((1, 12), jnp.int32),
-        "block_ids": jnp.zeros((1, 12), jnp.int32),
-        "roles": jnp.ones((1, 12), jnp.int32),
-        "positions": jnp.arange(12)[None],
-    }
+    batch = Rows(
+        tokens=jnp.arange(12)[None] % 60,
+        segment_ids=jnp.ones((1, 12), jnp.int32),
+        block_ids=jnp.zeros((1, 12), jnp.int32),
+        roles=jnp.ones((1, 12), jnp.int32),
+        positions=jnp.arange(12)[None],
+    )
     base = forward(params.model, MODEL, cfg.grc, batch).logits
     merged = forward(params.merged(False), MODEL, cfg.grc, batch).logits
     np.testing.assert_array_equal(np.asarray(base), np.asarray(merged))  # b = 0 at init
