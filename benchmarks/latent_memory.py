@@ -15,9 +15,8 @@ random. The pure-JAX reference attention gathers every page of the block table, 
 an engine sized for its own context: a block table of exactly the pages its text needs and a page
 pool of those pages (+ the reserved page 0), i.e. (a) an engine sized for n-token documents,
 (b) an engine sized for the question (`--pool-factor F`: a pool of F times the pages needed, the
-rest unused). Note that `paged_forward` currently rewrites the whole page pool every step (the
-per-layer page updates are stacked into a new cache), so the step time grows with the pool size as
-well as with the request's context.
+rest unused). The step writes the new K/V into the donated cache in place, so its cost does not
+depend on the pool size.
 
 Every repeat runs each mode in turn (rotated order, `interleaved_times`): `--settle` untimed steps
 (the first steps after the other mode pay for its cache and memory churn), then `--steps` timed
@@ -59,14 +58,13 @@ from benchmarks.common import (
 from grc_jax.core.config import Config, ModelConfig, load_config
 from grc_jax.core.roles import TEXT
 from grc_jax.infer.cache import PagePool, block_table
-from grc_jax.infer.paged import paged_forward
+from grc_jax.infer.paged import StepInputs, paged_forward
 from grc_jax.model import init_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("full", "memory")
-# float32: bf16 matmuls are slow on CPU. Unscanned layers: `paged_forward` slices scanned (stacked)
-# parameters per layer inside the jitted step, and XLA on CPU materializes every slice, so a
-# SmolLM2 decode step copies all its layer weights (about 12x slower); same weights either way.
+# float32: bf16 matmuls are slow on CPU. Unscanned layers: decoding (`Transformer.decode`) runs
+# layer by layer on per-layer params, as the engine does after unstacking a scanned checkpoint.
 CPU_OVERRIDES = {
     "tiny": [],
     "smollm2_135m": ["model.dtype=float32", "model.scan_layers=false"],
@@ -111,25 +109,25 @@ class DecodeCase:
         last = text_tokens - 1  # the new token's text slot; earlier slots hold the context
         mem_table = np.zeros((1, max(memories, 1)), np.int32)
         mem_table[0, :memories] = np.arange(1, memories + 1)
-        self.args = tuple(
-            jnp.asarray(a)
-            for a in (
-                np.full((1, 1), 7, np.int32),  # token
-                np.full((1, 1), TEXT, np.int32),  # role
-                np.full((1, 1), memories * k + last, np.int32),  # position (after the memories)
-                np.full((1, 1), last, np.int32),  # text index
-                block_table(pages, width)[None],
-                np.full((1,), text_tokens, np.int32),  # text length, this token included
-                mem_table,
-                np.full((1,), memories, np.int32),
-            )
+        self.inputs = jax.tree.map(
+            jnp.asarray,
+            StepInputs(
+                tokens=np.full((1, 1), 7, np.int32),
+                roles=np.full((1, 1), TEXT, np.int32),
+                positions=np.full((1, 1), memories * k + last, np.int32),  # after the memories
+                text_index=np.full((1, 1), last, np.int32),
+                block_tables=block_table(pages, width)[None],
+                text_lengths=np.full((1,), text_tokens, np.int32),  # this token included
+                mem_tables=mem_table,
+                mem_counts=np.full((1,), memories, np.int32),
+            ),
         )
         self.logits = None
         self.samples: list[float] = []  # seconds per step, one per `timed` call
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
-            self.logits, self.cache = self.step(self.params, self.cache, self.memories, *self.args)
+            self.logits, self.cache = self.step(self.params, self.cache, self.memories, self.inputs)
         jax.block_until_ready((self.logits, self.cache))
 
     def timed(self, steps: int, settle: int) -> None:
@@ -144,11 +142,9 @@ class DecodeCase:
 
 def make_step(cfg: Config):
     """The jitted decode step; params are an argument (not closed over), the cache is donated."""
-    m, k = cfg.model, cfg.grc.num_latents
-
-    def step(params, cache, memories, *args):
-        logits, _, cache, _ = paged_forward(params, m, k, cache, memories, *args)
-        return logits, cache
+    def step(params, cache, memories, inputs):
+        out, cache = paged_forward(params, cfg.model, cfg.grc, cache, memories, inputs)
+        return out.logits, cache
 
     return jax.jit(step, donate_argnums=(1,))
 

@@ -15,7 +15,9 @@ token, so nothing recompiles per token or per request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -24,21 +26,74 @@ import numpy as np
 
 from grc_jax.core.batch import Rows
 from grc_jax.core.config import Config
-from grc_jax.core.errors import MemoryMismatchError
+from grc_jax.core.constants import check_memory_reads
+from grc_jax.core.errors import MemoryMismatchError, UsageError
 from grc_jax.core.roles import LATENT, TEXT
 from grc_jax.data.layout import gen, latents, one_per_row, text
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.infer.cache import PagePool, block_table, empty_cache
 from grc_jax.infer.memory import LatentMemory, model_fingerprint
-from grc_jax.infer.paged import paged_forward
+from grc_jax.infer.paged import StepInputs, paged_forward
 from grc_jax.infer.sampling import SamplingParams, sample
 from grc_jax.model import forward, unstack_layers
 from grc_jax.model.head import embed_from_pooled, pool_latents
 from grc_jax.model.params import GRCParams
-from grc_jax.model.rope import inverse_frequencies
-from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS, rotate
+from grc_jax.model.rope import inverse_frequencies, rotate
+from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS
 
 GREEDY = SamplingParams()
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One sequence of the engine's batch: its prompt tokens and roles, the memories its
+    consumer block reads (in order), and the RoPE position of its first token."""
+
+    tokens: list[int]
+    roles: list[int]
+    memories: list[LatentMemory]
+    start: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How to generate after the prompt."""
+
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_tokens: tuple[int, ...]
+    keep_stop: bool = False
+    return_logits: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a batch of requests lives: block tables of its text pages, memory-pool tables and
+    counts, first positions and prompt lengths; `[max_batch, ...]`, padded."""
+
+    block_tables: np.ndarray
+    mem_tables: np.ndarray
+    mem_counts: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptOutput:
+    """Per prompt token of one request: logits `[n, V]`, hidden `[n, d]`, k / v `[L, n, G, D]`."""
+
+    logits: np.ndarray
+    hidden: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefill:
+    """Each request's last-token logits `[max_batch, V]`; every token's outputs if collected."""
+
+    last_logits: np.ndarray
+    outputs: list[PromptOutput] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +113,11 @@ class EngineOptions:
                      "prefill_chunk"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(
+                raise UsageError(
                     f"EngineOptions.{name}: expected a positive integer, got {value!r}"
                 )
         if self.attention_impl not in IMPLEMENTATIONS:
-            raise ValueError(
+            raise UsageError(
                 f"EngineOptions.attention_impl: expected one of {IMPLEMENTATIONS}, "
                 f"got {self.attention_impl!r}"
             )
@@ -107,8 +162,8 @@ class Engine:
         self._inv_freq = jnp.asarray(inverse_frequencies(m))
         # The weights are an argument, not a closure: closed-over arrays would be baked into the
         # compiled program as constants (a second copy of the model, and a slow compile).
-        step = lambda params, cache, mem, *a: paged_forward(  # noqa: E731
-            params, m, self.K, cache, mem, *a, attention_impl=opts.attention_impl
+        step = lambda params, cache, mem, s: paged_forward(  # noqa: E731
+            params, m, cfg.grc, cache, mem, s, attention_impl=opts.attention_impl
         )
         self._step = jax.jit(step, donate_argnums=(1,))
         self._sample = jax.jit(sample)
@@ -128,7 +183,7 @@ class Engine:
 
     def _encode_text(self, s: str, what: str) -> list[int]:
         if not isinstance(s, str) or not s.strip():
-            raise ValueError(f"{what}: expected non-empty text, got {s!r}")
+            raise UsageError(f"{what}: expected non-empty text, got {s!r}")
         return self.tok.encode(s)
 
     def _embed_rows(self, rows) -> tuple[Any, np.ndarray]:
@@ -208,17 +263,47 @@ class Engine:
         ids = self._encode_text(chunk, "update")
         tokens = ids + list(range(self.K))
         roles = [TEXT] * len(ids) + [LATENT] * self.K
-        out = self._run_paged(
-            [tokens], [roles], [[memory]], start_positions=[self.K], collect="all"
-        )
-        (logits, hidden, kv) = out[0]
+        request = Request(tokens, roles, [memory], start=self.K)
+        with self._placed([request], 0) as place:
+            (out,) = self._prefill([request], place, collect=True).outputs
         lat = np.arange(len(ids), len(tokens))
-        k = self._canonical(kv[0][:, lat], self.K + len(ids))
+        k = self._canonical(out.k[:, lat], self.K + len(ids))
+        hidden = out.hidden
         pooled = hidden[lat].mean(0) if self.cfg.grc.pooling == "mean" else hidden[lat[-1]]
         emb = np.asarray(embed_from_pooled(self.head, jnp.asarray(pooled, jnp.float32)))
-        return self._memory(k, kv[1][:, lat], memory.source_tokens + len(ids)), emb
+        return self._memory(k, out.v[:, lat], memory.source_tokens + len(ids)), emb
 
     # ------------------------------------------------------------------ paged execution
+
+    @contextlib.contextmanager
+    def _placed(self, requests: list[Request], max_new_tokens: int) -> Iterator[Placement]:
+        """Text pages for each request (prompt + `max_new_tokens`) and its memories in the pool;
+        the pages are freed on exit."""
+        opts, n = self.opts, len(requests)
+        if n > opts.max_batch:
+            raise UsageError(f"{n} requests in one batch, the engine holds {opts.max_batch}")
+        width = -(-opts.max_seq_len // opts.page_size)
+        pages, tables = [], np.zeros((opts.max_batch, width), np.int32)
+        try:
+            for b, r in enumerate(requests):
+                total = len(r.tokens) + max_new_tokens
+                if total > opts.max_seq_len:
+                    raise UsageError(
+                        f"request {b}: {len(r.tokens)} prompt + {max_new_tokens} new tokens "
+                        f"exceed max_seq_len={opts.max_seq_len}"
+                    )
+                pages.append(self.pool.alloc(b, total))
+                tables[b] = block_table(pages[-1], width)
+            mem_tables, mem_counts = self._load_memories([r.memories for r in requests])
+            pad = opts.max_batch - n
+            yield Placement(
+                block_tables=tables, mem_tables=mem_tables, mem_counts=mem_counts,
+                starts=np.asarray([r.start for r in requests] + [0] * pad),
+                lengths=np.asarray([len(r.tokens) for r in requests] + [0] * pad),
+            )  # fmt: skip
+        finally:
+            for p in pages:
+                self.pool.free(p)
 
     def _load_memories(
         self, per_request: list[list[LatentMemory]]
@@ -231,13 +316,10 @@ class Engine:
         ks, vs, idx = [], [], []
         for b, mems in enumerate(per_request):
             if len(mems) > opts.max_memories:
-                raise ValueError(
+                raise UsageError(
                     f"request {b}: {len(mems)} memories, the engine holds {opts.max_memories}"
                 )
-            if mems and self.cfg.grc.memory_mode == "recurrent" and len(mems) > 1:
-                raise MemoryMismatchError(
-                    f"request {b}: recurrent mode reads one running memory, got {len(mems)}"
-                )
+            check_memory_reads(self.cfg.grc.memory_mode, len(mems), f"request {b}")
             for j, m in enumerate(mems):
                 self.check_memory(m, f"request {b} memory {j}")
                 if id(m) not in slots:
@@ -255,129 +337,95 @@ class Engine:
             }
         return tables, counts
 
-    def _run_paged(self, token_lists, role_lists, memories, start_positions, collect="last",
-                   max_new_tokens=0, sampling=GREEDY, stop_tokens=(), keep_stop=False,
-                   return_logits=False):  # fmt: skip
-        """Prefill every request (chunked), then decode up to `max_new_tokens`.
+    def _run_step(self, place: Placement, tokens, roles, text_index, text_lengths):
+        """One jitted step over the whole (padded) batch; updates the cache in place."""
+        step = StepInputs(
+            tokens=tokens, roles=roles,
+            positions=place.starts[:, None] + np.maximum(text_index, 0),
+            text_index=text_index, block_tables=place.block_tables,
+            text_lengths=text_lengths.astype(np.int32), mem_tables=place.mem_tables,
+            mem_counts=place.mem_counts,
+        )  # fmt: skip
+        out, self.cache = self._step(self.model_params, self.cache, self.mem_pool, step)
+        return out
 
-        collect="all": return per request (logits, hidden, (k, v)) of every prompt token.
-        collect="last": return `Generation`s.
-        """
-        opts, n = self.opts, len(token_lists)
-        if n > opts.max_batch:
-            raise ValueError(f"{n} requests in one batch, the engine holds {opts.max_batch}")
-        width = -(-opts.max_seq_len // opts.page_size)
-        pages, tables = [], np.zeros((opts.max_batch, width), np.int32)
-        lengths = [len(t) for t in token_lists]
-        try:
-            for b, t in enumerate(token_lists):
-                total = len(t) + max_new_tokens
-                if total > opts.max_seq_len:
-                    raise ValueError(
-                        f"request {b}: {len(t)} prompt + {max_new_tokens} new tokens exceed "
-                        f"max_seq_len={opts.max_seq_len}"
-                    )
-                pages.append(self.pool.alloc(b, total))
-                tables[b] = block_table(pages[-1], width)
-            mem_tables, mem_counts = self._load_memories(memories + [[]] * (opts.max_batch - n))
-            return self._prefill_and_decode(
-                token_lists, role_lists, start_positions, lengths, tables, mem_tables, mem_counts,
-                collect, max_new_tokens, sampling, stop_tokens, keep_stop, return_logits,
-            )  # fmt: skip
-        finally:
-            for p in pages:
-                self.pool.free(p)
-
-    def _prefill_and_decode(self, token_lists, role_lists, starts, lengths, tables, mem_tables,
-                            mem_counts, collect, max_new, sampling, stop_tokens, keep_stop,
-                            return_logits):  # fmt: skip
-        opts, n, c = self.opts, len(token_lists), self.opts.prefill_chunk
-        B = opts.max_batch
-        starts = np.asarray(list(starts) + [0] * (B - n))
-        lens = np.asarray(lengths + [0] * (B - n))
-        collected = [([], [], [], []) for _ in range(n)]
+    def _prefill(self, requests: list[Request], place: Placement, collect: bool) -> Prefill:
+        """Every prompt token in fixed chunks; the logits of each request's last token, and with
+        `collect` every token's logits, hidden state and (k, v)."""
+        B, c = self.opts.max_batch, self.opts.prefill_chunk
+        lens = place.lengths
+        parts: list[list[tuple]] = [[] for _ in requests]
         last_logits = np.zeros((B, self.cfg.model.vocab_size), np.float32)
-        for c0 in range(0, max(lens), c):
+        for c0 in range(0, int(max(lens)), c):
             tok = np.zeros((B, c), np.int32)
             rol = np.zeros((B, c), np.int32)
             idx = np.full((B, c), -1, np.int32)
-            for b in range(n):
-                seg = token_lists[b][c0 : c0 + c]
+            for b, r in enumerate(requests):
+                seg = r.tokens[c0 : c0 + c]
                 tok[b, : len(seg)] = seg
-                rol[b, : len(seg)] = role_lists[b][c0 : c0 + c]
+                rol[b, : len(seg)] = r.roles[c0 : c0 + c]
                 idx[b, : len(seg)] = np.arange(c0, c0 + len(seg))
-            text_lengths = np.minimum(lens, c0 + c)
-            logits, hidden, self.cache, (k, v) = self._step(
-                self.model_params,
-                self.cache, self.mem_pool, tok, rol, starts[:, None] + np.maximum(idx, 0), idx,
-                tables, text_lengths, mem_tables, mem_counts,
-            )  # fmt: skip
-            logits = np.asarray(logits)
-            for b in range(n):
+            out = self._run_step(place, tok, rol, idx, np.minimum(lens, c0 + c))
+            logits = np.asarray(out.logits)
+            if collect:
+                hidden, (k, v) = np.asarray(out.hidden), (np.asarray(a) for a in out.kv)
+            for b in range(len(requests)):
                 m = idx[b] >= 0
-                if collect == "all":
-                    collected[b][0].append(logits[b, m])
-                    collected[b][1].append(np.asarray(hidden)[b, m])
-                    collected[b][2].append(np.asarray(k)[:, b, m])
-                    collected[b][3].append(np.asarray(v)[:, b, m])
+                if collect:
+                    parts[b].append((logits[b, m], hidden[b, m], k[:, b, m], v[:, b, m]))
                 if lens[b] - 1 in idx[b]:
                     last_logits[b] = logits[b, list(idx[b]).index(lens[b] - 1)]
-        if collect == "all":
-            return [
-                (
-                    np.concatenate(lg),
-                    np.concatenate(h),
-                    (np.concatenate(kk, 1), np.concatenate(vv, 1)),
+        outputs = None
+        if collect:
+            outputs = [
+                PromptOutput(
+                    logits=np.concatenate([p[0] for p in ps]),
+                    hidden=np.concatenate([p[1] for p in ps]),
+                    k=np.concatenate([p[2] for p in ps], 1),
+                    v=np.concatenate([p[3] for p in ps], 1),
                 )
-                for lg, h, kk, vv in collected
+                for ps in parts
             ]
-        return self._decode(last_logits, n, starts, lens, tables, mem_tables, mem_counts, max_new,
-                            sampling, stop_tokens, keep_stop, return_logits)  # fmt: skip
+        return Prefill(last_logits=last_logits, outputs=outputs)
 
-    def _decode(self, logits, n, starts, lens, tables, mem_tables, mem_counts, max_new, sampling,
-                stop_tokens, keep_stop, return_logits):  # fmt: skip
+    def _decode(
+        self, logits: np.ndarray, place: Placement, n: int, dec: Decoding
+    ) -> list[Generation]:
+        """Sample up to `dec.max_new_tokens` tokens per request, one jitted step per token."""
         B = self.opts.max_batch
-        key = jax.random.key(sampling.seed)
-        out = [[] for _ in range(n)]
-        step_logits = [[] for _ in range(n)]
+        key = jax.random.key(dec.sampling.seed)
+        out: list[list[int]] = [[] for _ in range(n)]
+        step_logits: list[list[np.ndarray]] = [[] for _ in range(n)]
         done = np.array([False] * n + [True] * (B - n))
         reason = ["length"] * n
-        cur = lens.copy()
-        s = (
-            jnp.float32(sampling.temperature),
-            jnp.int32(sampling.top_k),
-            jnp.float32(sampling.top_p),
-        )
-        for _ in range(max_new):
+        cur = place.lengths.copy()
+        s = dec.sampling
+        knobs = (jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
+        for _ in range(dec.max_new_tokens):
             key, sub = jax.random.split(key)
-            nxt = np.asarray(self._sample(jnp.asarray(logits), sub, *s))
+            nxt = np.asarray(self._sample(jnp.asarray(logits), sub, *knobs))
             for b in range(n):
                 if done[b]:
                     continue
-                if return_logits:
+                if dec.return_logits:
                     step_logits[b].append(logits[b].copy())
-                if int(nxt[b]) in stop_tokens:
+                if int(nxt[b]) in dec.stop_tokens:
                     done[b], reason[b] = True, "stop"
-                    if keep_stop:
+                    if dec.keep_stop:
                         out[b].append(int(nxt[b]))
                     continue
                 out[b].append(int(nxt[b]))
-            if done.all() or len(max(out, key=len)) >= max_new:
+            if done.all() or len(max(out, key=len)) >= dec.max_new_tokens:
                 break
             active = ~done
             idx = np.where(active, cur, -1)[:, None].astype(np.int32)
             tok = np.where(active, nxt, 0)[:, None].astype(np.int32)
             rol = np.where(active, TEXT, 0)[:, None].astype(np.int32)
             cur = np.where(active, cur + 1, cur)
-            lg, _, self.cache, _ = self._step(
-                self.model_params,
-                self.cache, self.mem_pool, tok, rol, (starts + np.maximum(idx[:, 0], 0))[:, None],
-                idx, tables, cur.astype(np.int32), mem_tables, mem_counts,
-            )  # fmt: skip
-            logits = np.asarray(lg)[:, 0]
+            logits = np.asarray(self._run_step(place, tok, rol, idx, cur).logits)[:, 0]
         return [
-            Generation(out[b], self.tok.decode([t for t in out[b] if t not in stop_tokens]),
-                       reason[b], step_logits[b] if return_logits else None)
+            Generation(out[b], self.tok.decode([t for t in out[b] if t not in dec.stop_tokens]),
+                       reason[b], step_logits[b] if dec.return_logits else None)
             for b in range(n)
         ]  # fmt: skip
 
@@ -391,19 +439,21 @@ class Engine:
         """Generate from token-id prompts (a consumer block over `memories[b]` when given)."""
         memories = memories or [[] for _ in prompts]
         if len(memories) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(memories)} memory lists")
+            raise UsageError(f"{len(prompts)} prompts but {len(memories)} memory lists")
         stop = tuple(stop_tokens) if stop_tokens is not None else (self.tok.eos_id,)
+        dec = Decoding(max_new_tokens, sampling, stop, keep_stop, return_logits)
         results = []
         B = self.opts.max_batch
         for i in range(0, len(prompts), B):
-            ps, ms = prompts[i : i + B], memories[i : i + B]
-            if any(len(p) == 0 for p in ps):
-                raise ValueError("generate: empty prompt")
-            starts = [len(m) * self.K for m in ms]
-            results += self._run_paged(
-                ps, [[TEXT] * len(p) for p in ps], ms, starts, "last", max_new_tokens, sampling,
-                stop, keep_stop, return_logits,
-            )  # fmt: skip
+            if any(len(p) == 0 for p in prompts[i : i + B]):
+                raise UsageError("generate: empty prompt")
+            requests = [
+                Request(list(p), [TEXT] * len(p), list(m), start=len(m) * self.K)
+                for p, m in zip(prompts[i : i + B], memories[i : i + B])
+            ]
+            with self._placed(requests, max_new_tokens) as place:
+                last = self._prefill(requests, place, collect=False).last_logits
+                results += self._decode(last, place, len(requests), dec)
         return results
 
     def generate(self, prompts: list[str], memories: list[list[LatentMemory]] | None = None,

@@ -154,19 +154,33 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer. Returns the new residual stream and this layer's (k, v) or None."""
+    """Pre-norm decoder layer. `__call__` returns the new residual stream and this layer's (k, v)
+    (or None); `decode` runs the same layer around attention supplied by the caller."""
 
     cfg: ModelConfig
     return_kv: bool = False
 
-    @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def setup(self):
         cfg = self.cfg
         dtype = compute_dtype(cfg)
-        h, kv = Attention(cfg, name="attn")(
-            RMSNorm(cfg.rms_norm_eps, dtype=dtype, name="attn_norm")(x), mask, cos, sin
-        )
-        x = x + h
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, dtype=dtype, name="mlp_norm")(x))
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        return x, (kv if self.return_kv else None)
+        self.attn_norm = RMSNorm(cfg.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg)
+
+    def _mlp_block(self, x):
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def __call__(self, x, mask, cos, sin):
+        h, kv = self.attn(self.attn_norm(x), mask, cos, sin)
+        return self._mlp_block(x + h), (kv if self.return_kv else None)
+
+    def decode(self, x, cos, sin, attend, state):
+        """`attend(q, k, v, state) -> (attended, state)` replaces the masked attention.
+
+        Returns the new residual stream, this layer's (k, v) and the new state.
+        """
+        q, k, v = self.attn.project(self.attn_norm(x), cos, sin)
+        attended, state = attend(q, k, v, state)
+        return self._mlp_block(x + self.attn.output(attended)), (k, v), state

@@ -43,13 +43,24 @@ def rope_angles(
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def rotate_half(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    """HF's rotate-half: `[x1, x2] -> [-x2, x1]` on the last axis (the one in grc_jax)."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
 def apply_rope(
     x: Float[Array, "b t h d"], cos: Float[Array, "b t d"], sin: Float[Array, "b t d"]
 ) -> Float[Array, "b t h d"]:
     """Rotate `x` (heads on axis 2) by the angles of its positions; computed in float32."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    out = x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
     return out.astype(dtype)
+
+
+def rotate(x: Float[Array, "... d"], angles: Float[Array, "... half"]) -> Float[Array, "... d"]:
+    """Rotate `x` by `angles` (one per frequency pair, broadcast against `x`'s leading axes)."""
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)
+    return x * cos + rotate_half(x) * sin

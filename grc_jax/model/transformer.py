@@ -1,13 +1,19 @@
 """The GRC decoder: a Llama / Qwen2 / Qwen3 transformer whose LATENT slots read a latent table.
 
 Used purely functionally: `params = init_params(cfg, grc, rng)`, then
-`forward(params, cfg, grc, batch)` (or `model.apply({"params": params}, ...)`).
+`forward(params, cfg, grc, rows)` (or `model.apply({"params": params}, ...)`).
 At LATENT slots (`roles == LATENT`) `tokens` holds the latent index k in [0, K): the slot's input is
 row k of the latent table instead of a vocabulary embedding (DESIGN.md section 1).
+
+`Transformer.__call__` is the training / full-sequence pass with the GRC mask; `Transformer.decode`
+runs the same embedding, layers and logits head over new tokens whose attention is supplied by the
+caller (the inference engine's hybrid paged attention over latent memories and text pages).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -49,17 +55,69 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     num_latents: int
     memory_mode: str = "independent"
+    return_kv: bool = False  # __call__ also returns every layer's (k, v)
 
-    def _layer_cls(self, return_kv: bool):
+    def setup(self):
         cfg = self.cfg
+        dtype = compute_dtype(cfg)
+        # Params directly in this scope are created in this order (embed, then latents): their
+        # initial values depend on it.
+        self.embed = self.param(
+            "embed", _init(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
+            jnp.float32,
+        )  # fmt: skip
+        self.latents = self.param(
+            "latents", _init(cfg.init_std, ("latents", "embed")), (self.num_latents, cfg.d_model),
+            jnp.float32,
+        )  # fmt: skip
         layer = DecoderLayer
         if cfg.remat_policy != "none":
             layer = nn.remat(
                 layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
             )
-        return layer
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, self.return_kv)
+        else:
+            self.layers = [layer(cfg, self.return_kv) for _ in range(cfg.n_layers)]
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype=dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                kernel_init=_init(cfg.init_std, ("embed", "vocab")),
+            )  # fmt: skip
 
-    @nn.compact
+    def embed_inputs(
+        self, tokens: Int[Array, "b t"], roles: Int[Array, "b t"]
+    ) -> Float[Array, "b t d"]:
+        """Vocabulary embeddings, or latent-table rows at LATENT slots, in the compute dtype."""
+        is_latent = roles == LATENT
+        tok_emb = jnp.take(self.embed, jnp.where(is_latent, 0, tokens), axis=0)
+        lat_emb = jnp.take(
+            self.latents, jnp.clip(jnp.where(is_latent, tokens, 0), 0, self.num_latents - 1), axis=0
+        )
+        x = jnp.where(is_latent[..., None], lat_emb, tok_emb).astype(compute_dtype(self.cfg))
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def head(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t v"], Array]:
+        """(float32 logits, final-norm hidden states) of the last layer's output."""
+        hidden = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", hidden, self.embed.astype(hidden.dtype))
+        else:
+            logits = self.lm_head(hidden)
+        logits = constrain(
+            logits.astype(jnp.float32),
+            ("activation_batch", "activation_length", "activation_vocab"),
+        )
+        return logits, hidden
+
     def __call__(
         self,
         tokens: Int[Array, "b t"],
@@ -67,72 +125,56 @@ class Transformer(nn.Module):
         block_ids: Int[Array, "b t"],
         roles: Int[Array, "b t"],
         positions: Int[Array, "b t"],
-        return_kv: bool = False,
     ) -> ModelOutput:
-        cfg = self.cfg
-        dtype = compute_dtype(cfg)
-        embedding = self.param(
-            "embed",
-            _init(cfg.init_std, ("vocab", "embed")),
-            (cfg.vocab_size, cfg.d_model),
-            jnp.float32,
-        )
-        latents = self.param(
-            "latents",
-            _init(cfg.init_std, ("latents", "embed")),
-            (self.num_latents, cfg.d_model),
-            jnp.float32,
-        )
-        is_latent = roles == LATENT
-        tok_emb = jnp.take(embedding, jnp.where(is_latent, 0, tokens), axis=0)
-        lat_emb = jnp.take(
-            latents, jnp.clip(jnp.where(is_latent, tokens, 0), 0, self.num_latents - 1), axis=0
-        )
-        x = jnp.where(is_latent[..., None], lat_emb, tok_emb).astype(dtype)
-        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-
+        x = self.embed_inputs(tokens, roles)
         mask = grc_mask(segment_ids, block_ids, roles, self.memory_mode)
-        cos, sin = rope_angles(positions, inverse_frequencies(cfg))
-
-        layer_cls = self._layer_cls(return_kv)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                layer_cls,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, kv = stack(cfg, return_kv, name="layers")(x, mask, cos, sin)
+        cos, sin = rope_angles(positions, inverse_frequencies(self.cfg))
+        if self.cfg.scan_layers:
+            x, kv = self.layers(x, mask, cos, sin)
         else:
             kvs = []
-            for i in range(cfg.n_layers):
-                x, layer_kv = layer_cls(cfg, return_kv, name=f"layers_{i}")(x, mask, cos, sin)
+            for layer in self.layers:
+                x, layer_kv = layer(x, mask, cos, sin)
                 kvs.append(layer_kv)
-            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if return_kv else None
-
-        hidden = RMSNorm(cfg.rms_norm_eps, dtype=dtype, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", hidden, embedding.astype(dtype))
-        else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                kernel_init=_init(cfg.init_std, ("embed", "vocab")),
-                name="lm_head",
-            )(hidden)
-        logits = constrain(
-            logits.astype(jnp.float32),
-            ("activation_batch", "activation_length", "activation_vocab"),
-        )
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if self.return_kv else None
+        logits, hidden = self.head(x)
         return ModelOutput(logits=logits, hidden=hidden, kv=kv)
 
+    def decode(
+        self,
+        tokens: Int[Array, "b c"],
+        roles: Int[Array, "b c"],
+        positions: Int[Array, "b c"],
+        attend: Callable[[int, Array, Array, Array, Any], tuple[Array, Any]],
+        state: Any,
+    ) -> tuple[ModelOutput, Any]:
+        """`c` new tokens per sequence whose attention is `attend(layer, q, k, v, state)`.
 
-def build_model(cfg: ModelConfig, grc: GRCConfig) -> Transformer:
-    return Transformer(cfg=cfg, num_latents=grc.num_latents, memory_mode=grc.memory_mode)
+        `attend` returns the attended values `[b, c, H, D]` and the new `state` (e.g. a KV cache
+        it wrote the chunk's k / v into); `state` is threaded through the layers in order. The
+        output's `kv` holds the chunk's own (k, v), `[L, b, c, G, D]`. Needs the per-layer
+        parameter layout (`unstack_layers` a scanned checkpoint first).
+        """
+        if self.cfg.scan_layers:
+            raise ValueError(
+                "Transformer.decode runs layer by layer: build it with scan_layers=False and "
+                "unstack_layers() the params"
+            )
+        x = self.embed_inputs(tokens, roles)
+        cos, sin = rope_angles(positions, inverse_frequencies(self.cfg))
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v), state = layer.decode(x, cos, sin, functools.partial(attend, i), state)
+            ks.append(k)
+            vs.append(v)
+        logits, hidden = self.head(x)
+        return ModelOutput(logits=logits, hidden=hidden, kv=(jnp.stack(ks), jnp.stack(vs))), state
+
+
+def build_model(cfg: ModelConfig, grc: GRCConfig, return_kv: bool = False) -> Transformer:
+    return Transformer(
+        cfg=cfg, num_latents=grc.num_latents, memory_mode=grc.memory_mode, return_kv=return_kv
+    )
 
 
 def _dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, Array]:
@@ -155,22 +197,29 @@ def init_params(cfg: ModelConfig, grc: GRCConfig, rng: jax.Array) -> Any:
 
 
 def forward(
+    params: Any, cfg: ModelConfig, grc: GRCConfig, rows: Rows, return_kv: bool = False
+) -> ModelOutput:
+    """One forward pass over packed rows (a `Batch` is `Rows` too)."""
+    model = build_model(cfg, grc, return_kv)
+    return model.apply(
+        {"params": params}, rows.tokens, rows.segment_ids, rows.block_ids, rows.roles,
+        rows.positions,
+    )  # fmt: skip
+
+
+def decode(
     params: Any,
     cfg: ModelConfig,
     grc: GRCConfig,
-    rows: Rows,
-    return_kv: bool = False,
-) -> ModelOutput:
-    """One forward pass over packed rows (a `Batch` is `Rows` too)."""
-    model = build_model(cfg, grc)
-    return model.apply(
-        {"params": params},
-        rows.tokens,
-        rows.segment_ids,
-        rows.block_ids,
-        rows.roles,
-        rows.positions,
-        return_kv=return_kv,
+    tokens: Int[Array, "b c"],
+    roles: Int[Array, "b c"],
+    positions: Int[Array, "b c"],
+    attend: Callable[[int, Array, Array, Array, Any], tuple[Array, Any]],
+    state: Any,
+) -> tuple[ModelOutput, Any]:
+    """`Transformer.decode` with per-layer `params` (see there)."""
+    return build_model(cfg, grc).apply(
+        {"params": params}, tokens, roles, positions, attend, state, method=Transformer.decode
     )
 
 

@@ -1,58 +1,5 @@
-"""Hybrid paged attention for one decode step as a Pallas Mosaic GPU kernel (DESIGN.md section 6).
-
-Semantics are those of `hybrid_paged_attention_reference`; this module only changes how the work is
-laid out on a GPU.
-
-Design
-- Grid `(batch, kv_head, split)`, one warpgroup per program. A program serves the `g = H_q / H_kv`
-  query heads of one KV head (GQA: each K/V tile is loaded once for the whole group) over a
-  contiguous range of its sequence's *tile stream*: first one tile per used memory slot, then the
-  text in tiles of `pages_per_block` pages. Memories are ordinary tiles of the stream rather than
-  a job for split 0, so a sequence with many memories and a short text still spreads over the
-  splits. Split `s` takes tiles `[s*c, (s+1)*c)` with `c = ceil(n_tiles / num_splits)`, so short
-  sequences leave some programs empty (they write a neutral partial).
-- Each program keeps an online softmax per query head (running max `m`, running sum `l`, an
-  un-normalised accumulator in SMEM) and writes it as a partial; a small JAX step merges the splits
-  with log-sum-exp. Scores are kept in base 2: the query is pre-scaled by `log2(e) / sqrt(D)`.
-- Tiles are `R = roundup(max(pages_per_block * page_size, K), 64)` rows (the WGMMA register layout
-  works on 64-row tiles): the rows past a memory's `K` latents or past the text length are masked,
-  both the scores and the values (`where`, never a multiply: stale rows may hold NaN).
-- K/V arrive by TMA into a two-slot SMEM ring (the next tile is fetched while this one is used).
-  Page ids are read from the block table inside the kernel; the slot index of a page past the
-  sequence's last page is clamped to that last page, so an unused block-table entry is never
-  dereferenced, and ids are clamped to the pool.
-- Memory slot `j` sits at logical positions `[j*K, (j+1)*K)`; its keys are canonical, so the
-  query is counter-rotated in the kernel, O(D) per memory and head: `q*cos + rotate_half(q)*sin`
-  from a `[max_mem, 2, D]` cos/sin table (the wrapper passes `q` and `rotate_half(q)`).
-- Scores and values use exact fp32 vector arithmetic (no WGMMA: a few query rows per KV head would
-  fill a 64-row MMA poorly, and fp32 WGMMA rounds to tf32, which the fp32 1e-5 contract forbids).
-- `num_splits=None`: `1` when `batch * kv_heads` already reaches the GPU's SM count, else
-  `ceil(SMs / (batch * kv_heads))`, capped at the largest possible number of tiles
-  (`max_mem + ceil(max_pages / pages_per_block)`); SMs from `device.core_count`, else 132.
-
-Limits: decode only (`t == 1`); `page_size` and `K` multiples of 8; `D * itemsize` a multiple of
-32 bytes; K/V pages and the memory pool of one dtype; the SMEM ring (`4 * R * D * itemsize` bytes)
-must fit in about 200 KiB, which bounds `pages_per_block`. Performance is unmeasured; expected
-costs: per tile and query head, three warpgroup-wide reductions through SMEM and a reload of the
-query and accumulator rows (replicated layouts), so large groups may be SMEM-bound rather than
-HBM-bound; a WGMMA variant for bf16 is the natural next step once GPU numbers exist.
-
-Why Mosaic GPU rather than Triton: Mosaic GPU is JAX's supported GPU backend going forward
-(already the default Pallas GPU lowering in JAX 0.10.2, `jax_pallas_use_mosaic_gpu=True`; the
-Triton backend is deprecated as of 0.11, not checked here), and JAX 0.10.2 ships a CPU interpreter
-for Mosaic GPU kernels (`jax._src.pallas.mosaic_gpu.interpret`, not exported publicly yet) that
-simulates SMEM, TMA copies and barriers, so the kernel can be tested without a GPU. That
-interpreter has no rule for `plgpu.layout_cast` or for layout-annotated iotas, which only pin
-register layouts and do not change values: the kernel's `layout` and `iota` helpers drop them when
-interpreting, the only difference between the interpreted and the compiled kernel.
-
-Verification status: matches the reference in the interpreter on CPU (tests/kernels/
-test_gpu_kernel.py), and lowers for CUDA on the CPU machine (`lowering_platforms=("cuda",)` runs
-Pallas' Mosaic GPU lowering, register layouts included). The interpreter rejects out-of-bounds
-reads and barrier misuse (it caught a wrong arrival count and a fetch into the slot in use), but
-it did not flag a deliberately removed `barrier_wait` (neither did its race detector), so the
-placement of the waits is checked by review only. Not yet compiled by ptxas or run on a GPU: no
-GPU correctness result or timing exists yet.
+"""Hybrid paged attention for one decode step as a Pallas Mosaic GPU kernel (DESIGN.md
+section 6); same contract as `reference.py`. Design, limits and verification: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -67,7 +14,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-_NEG = -1e30  # masked score (finite: an all-masked running max must not give inf - inf)
+from pallas_kernels.hybrid_paged_attention.reference import MASK_VALUE, rotate_half
+
 _ROW_TILE = 64  # rows per WGMMA-layout register tile
 _DEFAULT_SM_COUNT = 132  # H100 SXM, when the device does not say
 _SMEM_BUDGET = 200 * 1024
@@ -82,11 +30,6 @@ def _interpret_params():
     if params is None:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
     return params()
-
-
-def _rotate_half(x):  # the rotate-half layout of `reference.rotate`
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def _sm_count() -> int:
@@ -150,7 +93,7 @@ def _kernel(
         probs, alphas, new_ms, new_ls = [], [], [], []
         for i in range(g):
             q_i = lax.broadcast_in_dim(query(i), (rows, d), (1,))
-            scores = jnp.where(row_ok, jnp.sum(k * q_i, axis=1), _NEG)
+            scores = jnp.where(row_ok, jnp.sum(k * q_i, axis=1), MASK_VALUE)
             m_new = jnp.maximum(ms[i], jnp.max(scores))
             alpha = jnp.exp2(ms[i] - m_new)
             p = jnp.exp2(scores - m_new)
@@ -185,7 +128,7 @@ def _kernel(
         return lax.fori_loop(first, last, step, carry)
 
     carry = (
-        tuple(jnp.full((), _NEG, f32) for _ in range(g)),
+        tuple(jnp.full((), MASK_VALUE, f32) for _ in range(g)),
         tuple(jnp.zeros((), f32) for _ in range(g)),
     )
 
@@ -304,7 +247,7 @@ def hybrid_paged_attention_gpu(
     n_mem = jnp.clip(mem_counts, 0, max_mem if has_memory else 0).astype(jnp.int32)
     scale = d**-0.5 * math.log2(math.e)  # scores in base 2, see exp2 in the kernel
     q_bhgd = q[:, 0].astype(f32).reshape(batch, hk, g, d) * scale
-    q_pair = jnp.stack([q_bhgd, _rotate_half(q_bhgd)], axis=2)  # [b, hk, 2, g, d]
+    q_pair = jnp.stack([q_bhgd, rotate_half(q_bhgd)], axis=2)  # [b, hk, 2, g, d]
     n_slots = max(max_mem, 1)
     angles = (-(jnp.arange(n_slots) * num_latents)).astype(f32)[:, None] * inv_freq.astype(f32)
     trig = jnp.stack(
@@ -360,6 +303,6 @@ def hybrid_paged_attention_gpu(
 def _combine(acc, run_max, run_sum):
     """Merge split partials `[b, hk, S, g, (d)]` (base-2 running max and sum) into the output."""
     w = jnp.exp2(run_max - jnp.max(run_max, axis=2, keepdims=True))
-    total = jnp.sum(w * run_sum, axis=2)  # an empty split has max _NEG, sum 0 and acc 0
+    total = jnp.sum(w * run_sum, axis=2)  # an empty split has max MASK_VALUE, sum 0 and acc 0
     out = jnp.sum(w[..., None] * acc, axis=2)
     return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)

@@ -22,16 +22,22 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-_NEG = -1e30
+# Masked score, shared by the kernels: finite, so an all-masked running max never gives inf - inf.
+MASK_VALUE = -1e30
+
+
+# This package must not import grc_jax, so it keeps its own rotate-half (grc_jax.model.rope's twin).
+def rotate_half(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    """HF's rotate-half: `[x1, x2] -> [-x2, x1]` on the last axis."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def rotate(x: Float[Array, "... d"], angles: Float[Array, "... half"]) -> Float[Array, "... d"]:
     """RoPE rotation (HF rotate-half layout) of `x` by `angles` (one per frequency pair)."""
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def hybrid_paged_attention_reference(
@@ -66,7 +72,7 @@ def hybrid_paged_attention_reference(
     mk = jnp.where(mem_valid[:, :, None, None, None], mk, 0.0)
     mv = jnp.where(mem_valid[:, :, None, None, None], mv, 0.0)
     s_mem = jnp.einsum("btjhgd,bjkhd->bthgjk", q_rot, mk) * scale
-    s_mem = jnp.where(mem_valid[:, None, None, None, :, None], s_mem, _NEG)
+    s_mem = jnp.where(mem_valid[:, None, None, None, :, None], s_mem, MASK_VALUE)
     s_mem = s_mem.reshape(b, t, hk, g, n_slots * num_latents)
 
     # Text: gather the sequence's pages into one contiguous stream.
@@ -78,7 +84,7 @@ def hybrid_paged_attention_reference(
     tv = jnp.where(in_len[:, :, None, None], tv, 0.0)
     text_valid = in_len[:, None, :] & (idx[None, None, :] <= q_text_index[:, :, None])  # [b,t,n]
     s_text = jnp.einsum("bthgd,bnhd->bthgn", q32, tk) * scale
-    s_text = jnp.where(text_valid[:, :, None, None, :], s_text, _NEG)
+    s_text = jnp.where(text_valid[:, :, None, None, :], s_text, MASK_VALUE)
 
     scores = jnp.concatenate([s_mem, s_text], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1)

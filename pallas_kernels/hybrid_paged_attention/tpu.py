@@ -1,50 +1,5 @@
-"""Pallas Mosaic TPU kernel for hybrid paged attention, decode step (DESIGN.md section 6).
-
-Semantics: `hybrid_paged_attention_reference` (one query token per sequence, one softmax over the
-sequence's latent memories and its visible text).
-
-Design
-- Grid `(batch,)`, "parallel": one program per sequence walks its whole KV stream (memories, then
-  text) in an in-kernel loop, so a megacore chip can split the batch across its cores.
-- Scalar prefetch (SMEM): the flattened block table `[b * max_pages]`, the effective text length
-  per sequence (`min(text_lengths, q_text_index + 1)`, clipped to the table's capacity; computed in
-  the wrapper), the flattened memory table `[b * max_mem]` and the memory counts (clipped to
-  `max_mem`). They size the loops and address the DMAs.
-- KV pages and the memory pool stay in HBM (`memory_space=pl.ANY`). They are viewed as
-  `[n, rows, H_kv * D]` (a free reshape: a page / a memory is one contiguous HBM region), so ONE
-  DMA per page or per memory brings all KV heads; the kernel slices the `D` lanes of KV head `h`
-  and serves all `g = H_q / H_kv` query heads of that KV head with it (GQA: no KV head is loaded
-  twice, and the `g` heads form the rows of one `[g, D] x [D, n]` matmul).
-- The stream is a list of steps: steps `0 .. n_mem-1` are memories (K keys each), the rest are text
-  blocks of `pages_per_block` pages. Double buffering over the whole stream: step `s` uses buffer
-  slot `s % 2`; before computing step `s` the kernel starts the DMAs of step `s + 1` (also across
-  the memory -> text boundary), then waits on step `s`. Only pages below the effective length are
-  ever DMA'd (per-page `pl.when`), so unused block-table entries, which may be out of range or
-  point at freed pages, are never read; unused memory slots are never read either.
-- Online softmax in f32 VMEM scratch (running max `m`, sum `l`, accumulator `acc`, per query head).
-  Masked text positions get score -1e30, probability 0 and value 0 (the buffer rows past the
-  length hold whatever was there before, NaN in the interpreter's tests: `0 * NaN` must not
-  happen). Every text block the loop visits holds at least one valid key, so the running max is
-  finite after the first step; a sequence with nothing to attend to returns 0, like the reference.
-- Memory `j` of a sequence is read with the query rotated by `-j * K` (section 3). The rotation is
-  done in the kernel from a cos / signed-sin table `[max_mem, 1, D]` built in the wrapper: the
-  angle depends only on the slot, not on the sequence, so the table is tiny and shared by the
-  batch, and the O(D) rotation per memory and head (a lane roll by D/2 plus two multiplies) is
-  negligible next to the `K x D` matmul it feeds. Precomputing rotated queries in the wrapper
-  instead would write and read `b * max_mem * H_q * D` extra values per layer.
-- Arithmetic is f32 (K/V blocks are upcast after the load), matching the reference exactly.
-
-Limits and honesty
-- Verified only in the Pallas TPU interpreter on CPU (`tests/kernels/test_tpu_kernel.py`, with
-  race detection and NaN-initialised scratch); it has not been compiled by Mosaic nor run on a TPU.
-- Mosaic tiling on hardware probably wants: `D` a multiple of 128 lanes (the per-head lane slice
-  `[h*D, (h+1)*D)` is then tile-aligned; D = 64 with H_kv > 1 slices half tiles), `page_size` and
-  `K` multiples of 8 sublanes (16 for bf16) so that `[pages, page_size, .]` merges into rows
-  without relayout, and `g` ideally a multiple of 8 (smaller groups pad the `[g, D]` tiles).
-- Tuning left for hardware: bf16 MXU inputs with f32 accumulation instead of the f32 upcast,
-  `pages_per_block`, prefetching the next sequence's first block across grid steps (today the
-  first DMA of each sequence is not overlapped), and SMEM capacity for very large block tables.
-- Decode only (`t == 1`); prefill goes through the reference.
+"""Hybrid paged attention for one decode step as a Pallas Mosaic TPU kernel (DESIGN.md
+section 6); same contract as `reference.py`. Design, limits and verification: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -58,7 +13,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
-_NEG = -1e30
+from pallas_kernels.hybrid_paged_attention.reference import MASK_VALUE
 
 
 def _kernel(
@@ -147,7 +102,7 @@ def _kernel(
             q_h, k_blk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )  # [g, n]
         if valid_row is not None:
-            scores = jnp.where(valid_row, scores, _NEG)
+            scores = jnp.where(valid_row, scores, MASK_VALUE)
             v_blk = jnp.where(valid_col, v_blk, 0.0)
         m_prev = m_ref[h]
         m_new = jnp.maximum(m_prev, scores.max(axis=-1, keepdims=True))
