@@ -23,6 +23,9 @@ and the GRC extras that `AutoModel.from_pretrained(out, trust_remote_code=True)`
 Every check (family, flags, dtype, finite values, tokenizer, output directory) runs before anything
 is written; the files are written into a temporary sibling directory and moved into place at the
 end, so a failed export leaves the output directory as it was.
+
+`export_hooks(cfg)` gives `grc train`'s loop the periodic export of `train.export_every` (training
+itself never imports this module).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +50,10 @@ from grc_jax.core.config import Config, ModelConfig
 from grc_jax.core.errors import ExportError
 from grc_jax.infer.memory import model_fingerprint
 from grc_jax.model.params import GRCParams
+from grc_jax.train.hooks import Hook, Schedule, Tick
+
+if TYPE_CHECKING:
+    from grc_jax.train.loop import Run
 
 EXPORT_FORMAT = "grc-export/1"
 GRC_CONFIG = "grc_config.json"
@@ -450,6 +457,22 @@ def export_during_training(
     source = {"path": str(Path(run_directory).absolute()), "kind": "run", "step": step}
     export_params(cfg, params, tok, out, "fp32", force=True, source=source)
     return out
+
+
+class PeriodicExport(Hook):
+    """A training hook: `export_during_training` of the run's params at its steps."""
+
+    def __call__(self, run: Run, tick: Tick) -> None:
+        export_during_training(run.cfg, run.state.params, run.tok, run.directory, tick.step)
+
+
+def export_hooks(cfg: Config) -> list[Hook]:
+    """The periodic export of `train.export_every` as `train(cfg, hooks=...)` hooks; none when it
+    is 0. Refuses a model HF cannot express (`ExportError`) now, not after N steps."""
+    if not cfg.train.export_every:
+        return []
+    check_exportable(cfg.model)
+    return [PeriodicExport(Schedule(every=cfg.train.export_every))]
 
 
 def load_export(out: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:

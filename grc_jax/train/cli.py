@@ -52,6 +52,7 @@ def _train(args: argparse.Namespace) -> int:
     import jax
 
     from grc_jax.checkpoints import run_dir
+    from grc_jax.convert.export import export_hooks
     from grc_jax.core.errors import CheckpointError, NonFiniteLossError
     from grc_jax.train.loop import summary_table, train
 
@@ -60,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         print(f"run directory: {run_dir(cfg)}")
     try:
-        result = train(cfg, max_steps=args.stop_after)
+        result = train(cfg, max_steps=args.stop_after, hooks=export_hooks(cfg))
     except (NonFiniteLossError, CheckpointError) as e:
         print(f"grc train: {e}", file=sys.stderr)
         return 1

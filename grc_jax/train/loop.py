@@ -1,5 +1,11 @@
 """`grc train`: the training loop with progress, TensorBoard, checkpoints, resume and eval.
 
+`setup_run` builds a `Run` (run directory, tokenizer, sharded state, data iterator, checkpoints,
+evaluator, logger, jitted step); `train` takes its steps, after each one calling the hooks of
+`grc_jax.train.hooks` that are due (finite check, metrics log, checkpoint and preemption, periodic
+eval, and the caller's, e.g. the periodic export of `grc_jax.convert.export.export_hooks`), then
+runs the final eval.
+
 A run lives in `<train.output_dir>/<train.run_name>/`: `config.yaml`, `tokenizer.model` (trained
 here for from-scratch runs), `checkpoints/<step>/`, `tb/` (TensorBoard) and `eval/*.json`.
 Re-running the same command resumes from the newest checkpoint (model, optimizer and data position).
@@ -7,26 +13,28 @@ Re-running the same command resumes from the newest checkpoint (model, optimizer
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from grc_jax.checkpoints import RunCheckpoints, load_imported, run_dir
 from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config, save_config
-from grc_jax.core.errors import CheckpointError, NonFiniteLossError
+from grc_jax.core.errors import CheckpointError
 from grc_jax.core.sharding import make_mesh
 from grc_jax.data.pipeline import train_dataset
 from grc_jax.data.sources import open_source, read_records
 from grc_jax.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from grc_jax.train.evaluate import Evaluator
 from grc_jax.train.flops import measure_matmul_flops, train_flops_per_step
-from grc_jax.train.state import create_state
+from grc_jax.train.hooks import Hook, Logger, Tick, default_hooks, record_eval
+from grc_jax.train.state import TrainState, create_state
 from grc_jax.train.step import batch_shardings, make_train_step
 
 
@@ -64,17 +72,6 @@ def _shared_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
     return tok if tok is not None else prepare_tokenizer(cfg, directory)
 
 
-def _eval_params(params: Any) -> Any:
-    """Parameters that process 0 can evaluate alone. Call on every process: with several, the
-    sharded arrays are gathered to host memory (a collective), so the evaluation that follows on
-    process 0 issues no collective the other processes would have to join."""
-    if jax.process_count() == 1:
-        return params
-    from jax.experimental.multihost_utils import process_allgather
-
-    return process_allgather(params, tiled=True)
-
-
 def _global_batch(batch: Batch, shardings: Batch) -> Batch:
     """The global batch (identical on every process) as sharded arrays: each process places only
     the rows that its own devices hold."""
@@ -83,27 +80,6 @@ def _global_batch(batch: Batch, shardings: Batch) -> Batch:
         batch,
         shardings,
     )
-
-
-class Logger:
-    """TensorBoard scalars (process 0 only; tensorboardX imported lazily: it may import torch)."""
-
-    def __init__(self, directory: Path, enabled: bool):
-        self.writer = None
-        if enabled:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(directory))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _load_init(cfg: Config):
@@ -118,23 +94,69 @@ def _load_init(cfg: Config):
     return params
 
 
-def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run of `cfg`; returns the final eval metrics with the untrained ones.
+# ------------------------------------------------------------------------- batch access
+# The one place that knows a batch's layout (a dict of arrays).
 
-    `max_steps` stops early after that many steps in total (used by tests to stop mid-run).
-    """
-    from tqdm import tqdm
 
+# ------------------------------------------------------------------------------- set-up
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop and its hooks work with; `state` is replaced after every step."""
+
+    cfg: Config
+    directory: Path
+    tok: Tokenizer
+    mesh: Mesh
+    state: TrainState
+    shardings: TrainState
+    data_iter: Any  # the grain iterator: `next`, `get_state`, `set_state`
+    parser: Any  # counts the bad lines skipped
+    ckpts: RunCheckpoints
+    evaluator: Any  # `Evaluator` on process 0, None elsewhere
+    logger: Logger
+    step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
+    start: int  # steps done before this run of the loop (resumed from a checkpoint)
+    end: int  # the step the loop stops at
+    batch_shardings: Any
+    flops_per_step: float
+    peak_flops: float  # measured matmul FLOP/s, for MFU
+    quiet: bool  # no progress bar
+    first_batch: Any = None  # fetched to learn the batch shapes; trained on first
+    bar: Any = None  # the tqdm progress bar, while the loop runs
+
+    def next_batch(self) -> Any:
+        batch, self.first_batch = self.first_batch, None
+        return batch if batch is not None else next(self.data_iter)
+
+
+def _resume(cfg: Config, ckpts: RunCheckpoints, state: Any, data_iter: Any):
+    """(state, start step) after applying `train.resume` to the run's checkpoints."""
+    if cfg.train.resume == "never" and ckpts.latest_step() is not None:
+        raise ValueError(
+            f"train.resume=never but {ckpts.directory} holds checkpoints "
+            f"{ckpts.all_steps()}; choose a new train.run_name or remove them"
+        )
+    if cfg.train.resume == "required" and ckpts.latest_step() is None:
+        raise CheckpointError(f"train.resume=required but {ckpts.directory} holds no checkpoint")
+    if ckpts.latest_step() is None:
+        return state, 0
+    state, data_state, start = ckpts.restore(None, state)
+    data_iter.set_state(data_state)
+    return state, start
+
+
+def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> Run:
+    """The run of `cfg`, ready for its first step: run directory (config.yaml written),
+    tokenizer, state (restored when resuming), data iterator, checkpoints, evaluator, the jitted
+    step, and an open logger (closed by `train`)."""
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
         save_config(cfg, directory / "config.yaml")
     tok = _shared_tokenizer(cfg, directory)
-    if cfg.train.export_every:  # refuse a model HF cannot express now, not after N steps
-        from grc_jax.convert.export import check_exportable
-
-        check_exportable(cfg.model)
     mesh = make_mesh(cfg.mesh)
     state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed), _load_init(cfg))
     # Every process reads the same record stream and packs the same global batch, then places
@@ -144,34 +166,14 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
     ds, parser = train_dataset(cfg, tok, open_source(cfg.data.train_path))
     data_iter = iter(ds)
     ckpts = RunCheckpoints(directory / "checkpoints", cfg.train.keep_checkpoints)
-    start = 0
-    if cfg.train.resume == "never" and ckpts.latest_step() is not None:
-        raise ValueError(
-            f"train.resume=never but {ckpts.directory} holds checkpoints "
-            f"{ckpts.all_steps()}; choose a new train.run_name or remove them"
-        )
-    if cfg.train.resume == "required" and ckpts.latest_step() is None:
-        raise CheckpointError(f"train.resume=required but {ckpts.directory} holds no checkpoint")
-    if ckpts.latest_step() is not None:
-        state, data_state, start = ckpts.restore(None, state)
-        data_iter.set_state(data_state)
-        if not quiet and is_main:
-            print(f"resumed {directory} at step {start}")
-
+    state, start = _resume(cfg, ckpts, state, data_iter)
+    if start and not quiet and is_main:
+        print(f"resumed {directory} at step {start}")
     # Only process 0 evaluates (parameters gathered to it), so only it reads data.eval_path.
-    evaluator: Any = None
+    evaluator = None
     if is_main:
         evaluator = Evaluator(cfg, tok, read_records(cfg.data.eval_path, cfg.train.eval_queries))
-    eval_dir = directory / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    logger = Logger(directory / "tb", is_main)
-    untrained_file = eval_dir / "untrained.json"
-    if start == 0:
-        params = _eval_params(state.params)
-        if is_main:
-            untrained = evaluator.run(params)
-            untrained_file.write_text(json.dumps(untrained, indent=2))
-            logger.scalars(0, {f"eval/{k}": v for k, v in untrained.items()})
+    (directory / "eval").mkdir(exist_ok=True)
 
     first = next(data_iter)
     bsh = batch_shardings(
@@ -179,85 +181,95 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
     )
     step_fn = make_train_step(cfg, mesh, shardings, bsh)
     flops_per_step = train_flops_per_step(cfg, first.tokens.shape[0])
-    peak = measure_matmul_flops(mesh)
+    peak_flops = measure_matmul_flops(mesh)
     end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
-    bar = tqdm(total=end, initial=start, disable=quiet or not is_main, desc="train", unit="step")
-    pending = first
-    last_log = time.perf_counter()
-    tokens_since = steps_since = 0
-    step = start
+    return Run(
+        cfg=cfg,
+        directory=directory,
+        tok=tok,
+        mesh=mesh,
+        state=state,
+        shardings=shardings,
+        data_iter=data_iter,
+        parser=parser,
+        ckpts=ckpts,
+        evaluator=evaluator,
+        logger=Logger(directory / "tb", is_main),  # opened last: nothing after it can fail
+        step_fn=step_fn,
+        start=start,
+        end=end,
+        batch_shardings=bsh,
+        flops_per_step=flops_per_step,
+        peak_flops=peak_flops,
+        quiet=quiet,
+        first_batch=first,
+    )
+
+
+# -------------------------------------------------------------------------------- the loop
+
+
+def _run_steps(run: Run, hooks: Sequence[Hook]) -> int:
+    """Steps from `run.start` to `run.end` (or a hook's stop), each followed by the hooks due;
+    the step reached. Closes the checkpoints at the end (waiting for the last save)."""
+    from tqdm import tqdm
+
+    disable = run.quiet or jax.process_index() != 0
+    run.bar = tqdm(total=run.end, initial=run.start, disable=disable, desc="train", unit="step")
+    for hook in hooks:
+        hook.start(run)
+    step, tokens = run.start, 0
     try:
-        while step < end:
-            batch = pending if pending is not None else next(data_iter)
-            pending = None
-            tokens_since += int(np.sum(batch.segment_ids != 0))
-            state, metrics = step_fn(state, _global_batch(batch, bsh))
+        while step < run.end:
+            batch = run.next_batch()
+            tokens += int(np.sum(batch.segment_ids != 0))
+            run.state, metrics = run.step_fn(run.state, _global_batch(batch, run.batch_shardings))
             step += 1
-            steps_since += 1
-            is_log = step % cfg.train.log_every == 0 or step == end
             # A preemption notice (SIGTERM to any process, with jax.distributed) makes all
             # processes agree on a step to checkpoint at, then stop; rerunning resumes there.
-            preempted = ckpts.manager.reached_preemption(step)
-            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == end or preempted
-            if is_log or is_ckpt:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(m["loss/total"]) or m["params_finite"] != 1.0:
-                    what = "loss" if not math.isfinite(m["loss/total"]) else "parameter update"
-                    raise NonFiniteLossError(
-                        f"non-finite {what} at step {step} (gen={m['loss/gen']}, "
-                        f"rep={m['loss/rep']}, comp={m['loss/comp']}); stopping. The last good "
-                        f"checkpoint (step {ckpts.latest_step()}) in {ckpts.directory} is intact; "
-                        "lower train.learning_rate or check the data"
-                    )
-                now = time.perf_counter()
-                dt = (now - last_log) / steps_since
-                m["tokens_per_s"] = tokens_since / (now - last_log)
-                m["step_time_s"] = dt
-                m["mfu"] = flops_per_step / dt / peak
-                last_log, tokens_since, steps_since = now, 0, 0
-                logger.scalars(step, m)
-                if is_main:
-                    with (directory / "metrics.jsonl").open("a") as f:
-                        f.write(json.dumps({"step": step, **m}) + "\n")
-                bar.set_postfix(
-                    gen=f"{m['loss/gen']:.3f}", rep=f"{m['loss/rep']:.3f}",
-                    comp=f"{m['loss/comp']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
-                )  # fmt: skip
-            bar.update(1)
-            if is_ckpt:
-                ckpts.save(step, state, data_iter.get_state())
-            if cfg.train.export_every and step % cfg.train.export_every == 0:
-                from grc_jax.convert.export import export_during_training
-
-                export_during_training(cfg, state.params, tok, directory, step)  # process 0 writes
-            if preempted:
-                if is_main:
-                    print(f"preemption notice: saved checkpoint {step}, stopping", flush=True)
+            preempted = run.ckpts.manager.reached_preemption(step)
+            due = [h for h in hooks if h.schedule.fires(step, run.end, preempted)]
+            host = None  # metrics leave the device only when a hook due now reads them
+            if any(h.needs_metrics for h in due):
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            tick = Tick(step, run.end, preempted, tokens, host)
+            for hook in due:
+                hook(run, tick)
+            run.bar.update(1)
+            if tick.stop:
                 break
-            if step % cfg.train.eval_every == 0 and step != end:
-                params = _eval_params(state.params)
-                if is_main:
-                    ev = evaluator.run(params)
-                    (eval_dir / f"step_{step}.json").write_text(json.dumps(ev, indent=2))
-                    logger.scalars(step, {f"eval/{k}": v for k, v in ev.items()})
     finally:
-        bar.close()
-        ckpts.close()
-        logger.close()
+        run.bar.close()
+        run.ckpts.close()
+    return step
 
-    result: dict[str, Any] = {"step": step, "bad_lines_skipped": parser.bad_lines}
-    params = _eval_params(state.params) if step == cfg.train.steps else None
-    if step == cfg.train.steps and is_main:
-        final = evaluator.run(params)
-        (eval_dir / "final.json").write_text(json.dumps(final, indent=2))
-        logger = Logger(directory / "tb", True)
-        logger.scalars(step, {f"eval/{k}": v for k, v in final.items()})
-        logger.close()
-        result["final"] = final
-        if untrained_file.exists():
-            result["untrained"] = json.loads(untrained_file.read_text())
-    result["state"] = state
-    return result
+
+def train(
+    cfg: Config, max_steps: int | None = None, quiet: bool = False, hooks: Sequence[Hook] = ()
+) -> dict[str, Any]:
+    """Train (or resume) the run of `cfg`; returns the final eval metrics with the untrained ones.
+
+    `max_steps` stops early after that many steps in total (used by tests to stop mid-run).
+    `hooks` run after the checkpoint hook at the steps their schedules name (e.g. the periodic
+    export of `grc_jax.convert.export.export_hooks(cfg)`).
+    """
+    run = setup_run(cfg, max_steps, quiet)
+    try:
+        if run.start == 0:
+            record_eval(run, 0, "untrained")
+        step = _run_steps(run, default_hooks(cfg.train, hooks))
+        result: dict[str, Any] = {"step": step, "bad_lines_skipped": run.parser.bad_lines}
+        if step == cfg.train.steps:
+            final = record_eval(run, step, "final")  # gathers on every process
+            if final is not None:
+                result["final"] = final
+                untrained_file = run.directory / "eval" / "untrained.json"
+                if untrained_file.exists():
+                    result["untrained"] = json.loads(untrained_file.read_text())
+        result["state"] = run.state
+        return result
+    finally:
+        run.logger.close()
 
 
 def summary_table(untrained: dict[str, float], final: dict[str, float]) -> str:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from grc_jax.checkpoints import load_imported, load_model
 from grc_jax.cli import main as grc_main
-from grc_jax.convert.export import export_checkpoint, export_params, load_export
+from grc_jax.convert.export import export_checkpoint, export_hooks, export_params, load_export
 from grc_jax.convert.hf_import import import_checkpoint, read_safetensors
 from grc_jax.convert.param_map import params_to_hf
 from grc_jax.core.batch import Rows
@@ -331,7 +331,8 @@ def run(tmp_path_factory):
         f"train.output_dir={root}/runs",
         "train.run_name=tiny",
     ]
-    train(load_config(ROOT / "configs/tiny.yaml", overrides), quiet=True)
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
+    train(cfg, quiet=True, hooks=export_hooks(cfg))
     path = root / "runs/tiny"
     out = root / "export"
     assert grc_main(["export", "--ckpt", str(path), "--out", str(out)]) == 0
