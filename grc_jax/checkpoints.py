@@ -123,7 +123,9 @@ def restore_params(cfg: Config, run: str | Path, step: int | None = None) -> tup
         raise ModelLoadError(
             f"run {str(run)!r} has no checkpoint at step {step}; available: {steps}"
         )
-    target = {"params": _on_one_device(jax.eval_shape(lambda: init_grc_params(cfg, jax.random.key(0))))}
+    target = {
+        "params": _on_one_device(jax.eval_shape(lambda: init_grc_params(cfg, jax.random.key(0))))
+    }
     path = (run / "checkpoints" / str(step) / "state").absolute()
     args = ocp.args.PyTreeRestore(
         item=target,

@@ -18,7 +18,7 @@ import numpy as np
 
 from grc_jax.checkpoints import RunCheckpoints, load_imported, run_dir
 from grc_jax.core.config import Config, save_config
-from grc_jax.core.errors import CheckpointError, NonFiniteLossError
+from grc_jax.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from grc_jax.core.sharding import make_mesh
 from grc_jax.data.pipeline import train_dataset
 from grc_jax.data.sources import open_source, read_records
@@ -44,7 +44,7 @@ def prepare_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
     else:
         tok = load_tokenizer(model)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
         )
     return tok
@@ -145,7 +145,7 @@ def train(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> dic
     ckpts = RunCheckpoints(directory / "checkpoints", cfg.train.keep_checkpoints)
     start = 0
     if cfg.train.resume == "never" and ckpts.latest_step() is not None:
-        raise ValueError(
+        raise ConfigError(
             f"train.resume=never but {ckpts.directory} holds checkpoints "
             f"{ckpts.all_steps()}; choose a new train.run_name or remove them"
         )
