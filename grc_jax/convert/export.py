@@ -47,7 +47,7 @@ from grc_jax.convert.hf_config import hf_config_from_model
 from grc_jax.convert.hf_import import TOKENIZER_FILES, load_hf_dir, read_safetensors
 from grc_jax.convert.param_map import params_to_hf
 from grc_jax.core.config import Config, ModelConfig
-from grc_jax.core.errors import ExportError
+from grc_jax.core.errors import ExportError, MissingPathError, OutputExistsError
 from grc_jax.infer.memory import model_fingerprint
 from grc_jax.model.params import GRCParams
 from grc_jax.train.hooks import Hook, Schedule, Tick
@@ -139,9 +139,9 @@ def check_output(out: str | Path, force: bool) -> None:
     """Refuse a non-directory `out`, or a non-empty one without `force`."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {str(out)!r} exists and is not a directory")
+        raise OutputExistsError(f"output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output directory {str(out)!r} is not empty; use --force (force=True) to replace "
             "an export there"
         )
@@ -311,8 +311,8 @@ def export_params(
     """Export grc train params (`{"model", "head"[, "lora"]}`) and their tokenizer to `out`.
 
     LoRA factors are merged; the scanned layout is unstacked. Raises `ExportError` (a
-    `ValueError`) for what HF cannot express and `FileExistsError` for a non-empty `out` without
-    `force`, before anything is written.
+    `ValueError`) for what HF cannot express and `OutputExistsError` (a `FileExistsError`) for a
+    non-empty `out` without `force`, before anything is written.
     """
 
     out = Path(out)
@@ -398,7 +398,7 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
     its `checkpoints/` dir, or an import dir."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+        raise MissingPathError(f"checkpoint path {str(path)!r} does not exist")
     if path.name.isdigit() and path.parent.name == "checkpoints":
         run = path.parent.parent
         if (run / "config.yaml").is_file():

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from grc_jax.core.errors import ImportModelError, MissingPathError
+
 # GGUF `general.architecture` -> HF model_type.
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # Architectures whose q/k weights llama.cpp stores permuted for its interleaved RoPE.
@@ -101,11 +103,11 @@ def _open(path: Path):
     import gguf
 
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        raise MissingPathError(f"GGUF file {str(path)!r} does not exist")
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises assorted errors on a truncated or foreign file
-        raise ValueError(f"cannot read GGUF file {str(path)!r}: {e}") from e
+        raise ImportModelError(f"cannot read GGUF file {str(path)!r}: {e}") from e
 
 
 def read_metadata(reader) -> dict[str, Any]:
@@ -118,7 +120,9 @@ def gguf_to_hf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str,
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         supported = ", ".join(GGUF_ARCHITECTURES)
-        raise ValueError(f"GGUF key 'general.architecture' = {arch!r}: supported: {supported}")
+        raise ImportModelError(
+            f"GGUF key 'general.architecture' = {arch!r}: supported: {supported}"
+        )
     hf: dict[str, Any] = {"model_type": GGUF_ARCHITECTURES[arch], "hidden_act": "silu"}
     for key, hf_key in GGUF_CONFIG_KEYS:
         if f"{arch}.{key}" in meta:
@@ -133,15 +137,17 @@ def gguf_to_hf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str,
         hf.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
     rope_dims = meta.get(f"{arch}.rope.dimension_count")
     if rope_dims is not None and rope_dims != hf.get("head_dim"):
-        raise ValueError(
+        raise ImportModelError(
             f"GGUF key '{arch}.rope.dimension_count' = {rope_dims}: partial rotary embeddings "
             f"(head_dim {hf.get('head_dim')}) are not supported"
         )
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise ValueError(f"GGUF key '{arch}.rope.scaling.type' = {scaling!r}: supported: none")
+        raise ImportModelError(
+            f"GGUF key '{arch}.rope.scaling.type' = {scaling!r}: supported: none"
+        )
     if "rope_freqs.weight" in tensor_names:
-        raise ValueError(
+        raise ImportModelError(
             "GGUF tensor 'rope_freqs.weight' (llama.cpp's precomputed Llama-3.1 RoPE scaling) "
             "is not supported; import the HF checkpoint instead"
         )
@@ -162,7 +168,7 @@ def _dequantize(tensor) -> np.ndarray:
     try:
         data = dequantize(np.asarray(tensor.data), tensor.tensor_type)
     except NotImplementedError as e:
-        raise ValueError(
+        raise ImportModelError(
             f"GGUF tensor {tensor.name!r}: cannot dequantize type {tensor.tensor_type.name} ({e})"
         ) from e
     return np.asarray(data, dtype=np.float32).reshape(shape)
@@ -232,13 +238,13 @@ def build_tokenizer(meta: dict[str, Any]):
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(
+        raise ImportModelError(
             f"GGUF key 'tokenizer.ggml.model' = {kind!r}: supported: 'gpt2' (byte-level BPE)"
         )
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     if len(types) != len(tokens):
-        raise ValueError(
+        raise ImportModelError(
             f"GGUF key 'tokenizer.ggml.token_type': {len(types)} entries for {len(tokens)} tokens"
         )
     alphabet = byte_alphabet()

@@ -9,7 +9,8 @@ Both RoPE spellings are read:
 
 Values inside `rope_parameters` win over `rope_scaling`, which wins over top-level keys, as in
 transformers. Only the `default` and `llama3` RoPE types exist in grc's model; anything else
-(`linear`, `dynamic`, `yarn`, `longrope`, partial rotary) is refused with a `ValueError`.
+(`linear`, `dynamic`, `yarn`, `longrope`, partial rotary) is refused with an `ImportModelError`
+(a `ValueError`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from grc_jax.core.config import ModelConfig, RopeScalingConfig
+from grc_jax.core.errors import ImportModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -40,8 +42,8 @@ _REQUIRED = (
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
 
-def _err(key: str, value: Any, what: str) -> ValueError:
-    return ValueError(f"HF config key '{key}' = {value!r}: {what}")
+def _err(key: str, value: Any, what: str) -> ImportModelError:
+    return ImportModelError(f"HF config key '{key}' = {value!r}: {what}")
 
 
 def _flat_rope_parameters(hf: Mapping[str, Any]) -> tuple[dict[str, Any], str]:

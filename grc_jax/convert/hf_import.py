@@ -30,6 +30,7 @@ from grc_jax.checkpoints import save_params
 from grc_jax.convert.hf_config import model_config_from_hf
 from grc_jax.convert.param_map import hf_to_params
 from grc_jax.core.config import Config, config_from_dict, save_config
+from grc_jax.core.errors import ImportModelError, MissingPathError, OutputExistsError
 
 # A HF tokenizer's files (copied on import and on export when present).
 TOKENIZER_FILES = (
@@ -87,16 +88,16 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             out[name] = raw[base + start : base + end].view(dtype).reshape(info["shape"])
         return out
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"cannot read safetensors file {str(path)!r}: {e!r}") from e
+        raise ImportModelError(f"cannot read safetensors file {str(path)!r}: {e!r}") from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist")
+        raise MissingPathError(f"{str(path)!r} does not exist")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {str(path)!r}: {e}") from e
+        raise ImportModelError(f"cannot read {str(path)!r}: {e}") from e
 
 
 def safetensors_files(src: Path) -> list[Path]:
@@ -105,11 +106,11 @@ def safetensors_files(src: Path) -> list[Path]:
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, Mapping) or not weight_map:
-            raise ValueError(f"{str(index)!r} has no 'weight_map'")
+            raise ImportModelError(f"{str(index)!r} has no 'weight_map'")
         files = [src / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
-                raise FileNotFoundError(f"{str(f)!r} (listed in {str(index)!r}) does not exist")
+                raise MissingPathError(f"{str(f)!r} (listed in {str(index)!r}) does not exist")
         return files
     files = sorted(src.glob("*.safetensors"))
     if not files:
@@ -118,7 +119,7 @@ def safetensors_files(src: Path) -> list[Path]:
             if any(src.glob("pytorch_model*.bin"))
             else ""
         )
-        raise FileNotFoundError(f"no *.safetensors files in {str(src)!r}{hint}")
+        raise MissingPathError(f"no *.safetensors files in {str(src)!r}{hint}")
     return files
 
 
@@ -126,14 +127,14 @@ def load_hf_dir(src: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray],
     """(config.json dict, HF-named tensors, weight files) of a HF model directory."""
     src = Path(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"HF model directory {str(src)!r} does not exist")
+        raise MissingPathError(f"HF model directory {str(src)!r} does not exist")
     hf = _read_json(src / "config.json")
     files = safetensors_files(src)
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         for name, arr in read_safetensors(f).items():
             if name in tensors:
-                raise ValueError(
+                raise ImportModelError(
                     f"tensor {name!r} appears in more than one file (again in {str(f)!r})"
                 )
             tensors[name] = arr
@@ -151,10 +152,10 @@ def _file_info(path: Path) -> dict[str, Any]:
 def _check_out(out: Path, force: bool) -> bool:
     """Whether `out` holds files; raises if it may not be written."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {str(out)!r} exists and is not a directory")
+        raise OutputExistsError(f"output {str(out)!r} exists and is not a directory")
     busy = out.is_dir() and any(out.iterdir())
     if busy and not force:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"output directory {str(out)!r} is not empty (use force=True / --force)"
         )
     return busy
@@ -199,7 +200,7 @@ def import_checkpoint(
         fmt, meta = "safetensors", None
         hf, tensors, files = load_hf_dir(src)
     else:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"import source {str(src)!r} is neither a HF model directory nor a .gguf file"
         )
     model = model_config_from_hf(hf)

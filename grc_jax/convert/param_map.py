@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax.core.config import GRCConfig, ModelConfig
+from grc_jax.core.errors import ImportModelError
 from grc_jax.model.transformer import abstract_params, stack_layers, unstack_layers
 
 Shape = tuple[int, ...]
@@ -145,7 +146,7 @@ def our_shapes(cfg: ModelConfig, grc: GRCConfig) -> dict[str, Shape]:
     unmapped = sorted(set(flat) - mapped - {"latents"})
     absent = sorted(mapped - set(flat))
     if unmapped or absent:  # cfg flags (qkv_bias, qk_norm) that the family's map does not describe
-        raise ValueError(
+        raise ImportModelError(
             f"the {cfg.family} parameter map does not match this ModelConfig: "
             f"params without a row {unmapped}, rows without a param {absent}"
         )
@@ -158,8 +159,8 @@ def expected_hf_shapes(cfg: ModelConfig, grc: GRCConfig | None = None) -> dict[s
     return {r.hf: TRANSFORMS[r.transform].hf_shape(shapes[r.ours]) for r in expand_rows(cfg)}
 
 
-def _shape_error(name: str, got: Shape, want: Shape, ours: str) -> ValueError:
-    return ValueError(
+def _shape_error(name: str, got: Shape, want: Shape, ours: str) -> ImportModelError:
+    return ImportModelError(
         f"tensor {name!r} has shape {tuple(got)}, expected {tuple(want)} (for grc param {ours!r})"
     )
 
@@ -185,14 +186,14 @@ def hf_to_params(
     """grc float32 params from HF-named tensors (numpy-convertible arrays of any float dtype).
 
     Every param is filled; a missing tensor, a tensor of the wrong shape or an unexpected extra
-    tensor raises a `ValueError` naming it. Latents are initialised per `grc.latent_init`; the
-    result is in the scanned layout when `cfg.scan_layers`.
+    tensor raises an `ImportModelError` (a `ValueError`) naming it. Latents are initialised per
+    `grc.latent_init`; the result is in the scanned layout when `cfg.scan_layers`.
     """
     shapes = our_shapes(cfg, grc)
     rows = expand_rows(cfg)
     missing = [r.hf for r in rows if r.hf not in tensors]
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {_names(missing)}")
+        raise ImportModelError(f"checkpoint is missing {len(missing)} tensor(s): {_names(missing)}")
     params: dict[str, Any] = {}
     for r in rows:
         arr = np.asarray(tensors[r.hf])
@@ -209,13 +210,13 @@ def hf_to_params(
         if head.shape != params["embed"].shape:
             raise _shape_error("lm_head.weight", head.shape, params["embed"].shape, "embed (tied)")
         if not np.array_equal(head.astype(np.float32), params["embed"]):
-            raise ValueError(
+            raise ImportModelError(
                 "tensor 'lm_head.weight' differs from 'model.embed_tokens.weight' but the config "
                 "ties embeddings (tie_word_embeddings=true)"
             )
         extra.remove("lm_head.weight")
     if extra:
-        raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s): {_names(extra)}")
+        raise ImportModelError(f"checkpoint has {len(extra)} unexpected tensor(s): {_names(extra)}")
 
     params["latents"] = init_latents(params["embed"], cfg, grc, seed)
     params = jax.tree.map(jnp.asarray, params)

@@ -81,7 +81,7 @@ class ArrayRecordSource:
 
         self.paths = sorted(glob.glob(pattern))
         if not self.paths:
-            raise FileNotFoundError(f"no ArrayRecord shards match {pattern!r}")
+            raise MissingPathError(f"no ArrayRecord shards match {pattern!r}")
         self._source = ArrayRecordDataSource(self.paths)
         sizes = [ArrayRecordDataSource([p]).__len__() for p in self.paths]
         self._starts = np.cumsum([0] + sizes)

@@ -12,7 +12,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from grc_jax.core.errors import MissingPathError, ModelLoadError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class TokenizerError(ModelLoadError):
+    """A tokenizer file or directory is not a usable tokenizer (unreadable, or no BOS/EOS)."""
 
 
 @runtime_checkable
@@ -37,7 +43,7 @@ class SentencePieceTokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer {str(self.path)!r} is not a sentencepiece model: {e}"
             ) from None
         self.vocab_size = self._sp.get_piece_size()
@@ -45,7 +51,7 @@ class SentencePieceTokenizer:
         self.eos_id = self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer {str(self.path)!r} defines no BOS/EOS ids; GRC layouts need both"
             )
 
@@ -66,7 +72,7 @@ class HFTokenizer:
         directory = path if path.is_dir() else path.parent
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
-            raise ValueError(f"tokenizer: no tokenizer.json at {str(file)!r}")
+            raise TokenizerError(f"tokenizer: no tokenizer.json at {str(file)!r}")
         self.path = file
         self._tok = _HFTok.from_file(str(file))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -84,7 +90,7 @@ class HFTokenizer:
         eos = token_id("eos_token")
         bos = token_id("bos_token")
         if eos is None:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer {str(directory)!r}: tokenizer_config.json names no eos_token"
             )
         self.eos_id = eos
@@ -103,14 +109,16 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """A `.model` file -> sentencepiece; a `tokenizer.json` or a directory holding one -> HF."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer {str(path)!r} does not exist")
+        raise MissingPathError(f"tokenizer {str(path)!r} does not exist")
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return HFTokenizer(path)
         models = sorted(path.glob("*.model"))
         if models:
             return SentencePieceTokenizer(models[0])
-        raise ValueError(f"tokenizer directory {str(path)!r} holds no tokenizer.json or *.model")
+        raise TokenizerError(
+            f"tokenizer directory {str(path)!r} holds no tokenizer.json or *.model"
+        )
     if path.suffix == ".json":
         return HFTokenizer(path)
     return SentencePieceTokenizer(path)

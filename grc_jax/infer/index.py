@@ -27,6 +27,7 @@ from grc_jax.core.errors import (
     IndexMismatchError,
     MemoryMismatchError,
     MissingPathError,
+    UsageError,
 )
 from grc_jax.infer.memory import LatentMemory
 from grc_jax.infer.sampling import SamplingParams
@@ -193,12 +194,12 @@ def search(index: Index, query_embeddings: np.ndarray, k: int) -> tuple[np.ndarr
     A 1-D query gives `[k]` arrays. Equal scores keep document order. `k` is capped at the size.
     """
     if k < 1:
-        raise ValueError(f"search: k must be at least 1, got {k}")
+        raise UsageError(f"search: k must be at least 1, got {k}")
     q = np.asarray(query_embeddings, np.float32)
     single = q.ndim == 1
     q = q[None] if single else q
     if q.shape[-1] != index.embeddings.shape[1]:
-        raise ValueError(
+        raise IndexMismatchError(
             f"search: query dim {q.shape[-1]} does not match the index dim "
             f"{index.embeddings.shape[1]}"
         )

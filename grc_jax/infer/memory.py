@@ -18,9 +18,13 @@ import jax
 import numpy as np
 
 from grc_jax.core.config import Config
-from grc_jax.core.errors import MemoryMismatchError, MissingPathError
+from grc_jax.core.errors import MemoryMismatchError, MissingPathError, UserError
 from grc_jax.model import unstack_layers
 from grc_jax.model.params import GRCParams
+
+
+class MemoryFormatError(UserError, ValueError):
+    """A file or array is not a well-formed grc latent memory."""
 
 
 def model_fingerprint(cfg: Config, params: Any) -> str:
@@ -58,11 +62,11 @@ class LatentMemory:
 
     def __post_init__(self):
         if self.k.shape != self.v.shape or self.k.ndim != 4:
-            raise ValueError(
+            raise MemoryFormatError(
                 f"latent memory: k {self.k.shape} and v {self.v.shape} must be equal 4-D"
             )
         if self.k.shape[1] != self.num_latents:
-            raise ValueError(
+            raise MemoryFormatError(
                 f"latent memory: {self.k.shape[1]} latent rows but num_latents={self.num_latents}"
             )
 
@@ -111,12 +115,12 @@ class LatentMemory:
                 meta = f.metadata() or {}
                 k, v = f.get_tensor("k"), f.get_tensor("v")
         except Exception as e:  # safetensors raises several types for foreign files
-            raise ValueError(f"{path}: not a grc latent memory file ({e})") from None
+            raise MemoryFormatError(f"{path}: not a grc latent memory file ({e})") from None
         missing = [k for k in ("model", "num_latents", "memory_mode") if k not in meta]
         if meta.get("format") == "grc-latent-memory/1" and missing:
-            raise ValueError(f"{path}: latent memory file lacks metadata {missing}")
+            raise MemoryFormatError(f"{path}: latent memory file lacks metadata {missing}")
         if meta.get("format") != "grc-latent-memory/1":
-            raise ValueError(
+            raise MemoryFormatError(
                 f"{path}: not a grc latent memory file (format {meta.get('format')!r})"
             )
         return cls(

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from grc_jax.core.errors import UsageError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -20,11 +22,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (self.temperature >= 0 and self.temperature < float("inf")):
-            raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature}")
+            raise UsageError(f"temperature: expected a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
+            raise UsageError(f"top_k: expected >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p: expected a number in (0, 1], got {self.top_p}")
 
 
 def sample(

@@ -8,15 +8,10 @@ a config fits a slice before the slice is rented.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import re
-import sys
 from typing import Any
 
-from grc_jax.cli import add_command
 from grc_jax.core.errors import UsageError
 
 # High-bandwidth memory per chip, GiB (Cloud TPU system architecture pages).
@@ -169,36 +164,3 @@ def report(result: dict[str, Any]) -> str:
     verdict = "fits" if per["total"] <= hbm else "does NOT fit"
     lines.append(f"  {'HBM':12s} {gib(hbm)}  -> {verdict} ({100 * per['total'] / hbm:.1f}%)")
     return "\n".join(lines)
-
-
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
-    p.add_argument("--topology", required=True, help="e.g. v5p-128, v4-32, v6e-64, v5p:4x4x4")
-    p.add_argument("--json", default=None, help="also write the report as JSON here")
-    p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-
-
-def _run(args: argparse.Namespace) -> int:
-    # Compile-only TPU devices need no TPU: JAX's own backend stays on CPU, and libtpu is told
-    # what it would otherwise ask the (absent) TPU metadata server.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    if ":" not in args.topology:
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)
-    from grc_jax.core.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    try:
-        result = compile_train_step(cfg, args.topology)
-    except TopologyError as e:
-        print(f"grc aot: {e}", file=sys.stderr)
-        return 2
-    print(report(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
-
-
-add_command("aot", "compile the train step for a TPU slice, without one: memory", _args, _run)

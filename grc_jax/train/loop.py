@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from grc_jax.checkpoints import RunCheckpoints, load_imported, run_dir
 from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config, save_config
-from grc_jax.core.errors import CheckpointError
+from grc_jax.core.errors import CheckpointError, ConfigError
 from grc_jax.core.sharding import make_mesh
 from grc_jax.data.pipeline import train_dataset
 from grc_jax.data.sources import open_source, read_records
@@ -53,7 +53,7 @@ def prepare_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
     else:
         tok = load_tokenizer(model)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
         )
     return tok
@@ -134,7 +134,7 @@ class Run:
 def _resume(cfg: Config, ckpts: RunCheckpoints, state: Any, data_iter: Any):
     """(state, start step) after applying `train.resume` to the run's checkpoints."""
     if cfg.train.resume == "never" and ckpts.latest_step() is not None:
-        raise ValueError(
+        raise ConfigError(
             f"train.resume=never but {ckpts.directory} holds checkpoints "
             f"{ckpts.all_steps()}; choose a new train.run_name or remove them"
         )

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from grc_jax.cli import add_command
+# The data modules (grain, array_record, sentencepiece) are imported inside the `run_*`
+# functions (deferred to keep `--help` fast).
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     s = sub.add_parser(
         "synth", help="write the seeded synthetic GRC corpus (train/validation/test)"
@@ -23,7 +24,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--shards", type=int, default=4)
 
 
-def _data(args: argparse.Namespace) -> int:
+def run_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from grc_jax.data.synth import synthesize
 
@@ -37,7 +38,7 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tok_args(p: argparse.ArgumentParser) -> None:
+def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="tok_command", required=True, metavar="ACTION")
     t = sub.add_parser("train", help="train a sentencepiece model on JSONL records or text files")
     t.add_argument("inputs", nargs="+", help="*.jsonl (GRC records) or plain text files")
@@ -45,15 +46,18 @@ def _tok_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--vocab-size", type=int, default=1024)
 
 
-def _tok(args: argparse.Namespace) -> int:
+def run_tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from grc_jax.cli._paths import user_paths
     from grc_jax.data.schema import parse_record
     from grc_jax.data.tokenizer import train_sentencepiece
 
     texts: list[str] = []
     for path in args.inputs:
-        for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        with user_paths(FileNotFoundError, IsADirectoryError):
+            lines = Path(path).read_text().splitlines()
+        for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             if path.endswith(".jsonl"):
@@ -64,7 +68,3 @@ def _tok(args: argparse.Namespace) -> int:
     tok = train_sentencepiece(texts, args.out, args.vocab_size)
     print(json.dumps({"model": f"{args.out}.model", "vocab_size": tok.vocab_size}))
     return 0
-
-
-add_command("data", "make or convert training data (synth, prepare)", _data_args, _data)
-add_command("tokenizer", "train a sentencepiece tokenizer", _tok_args, _tok)

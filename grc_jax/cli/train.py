@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from grc_jax.cli import add_command
+# JAX and the training modules are imported inside the `run_*` functions (deferred to keep
+# `--help` fast).
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -33,12 +33,13 @@ def _distributed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-distributed", action="store_true", help="single process, even on a TPU VM")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _config_args(p)
     _distributed_args(p)
 
 
-def _train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
+    """Train; a non-finite loss or an unusable checkpoint raises a `UserError` of exit code 1."""
     from grc_jax.core import distributed
     from grc_jax.core.config import load_config
 
@@ -53,30 +54,40 @@ def _train(args: argparse.Namespace) -> int:
 
     from grc_jax.checkpoints import run_dir
     from grc_jax.convert.export import export_hooks
-    from grc_jax.core.errors import CheckpointError, NonFiniteLossError
     from grc_jax.train.loop import summary_table, train
 
     if plan.mode != "single":
         print(f"{distributed.describe()} ({plan.source})", flush=True)
     if jax.process_index() == 0:
         print(f"run directory: {run_dir(cfg)}")
-    try:
-        result = train(cfg, max_steps=args.stop_after, hooks=export_hooks(cfg))
-    except (NonFiniteLossError, CheckpointError) as e:
-        print(f"grc train: {e}", file=sys.stderr)
-        return 1
+    result = train(cfg, max_steps=args.stop_after, hooks=export_hooks(cfg))
     if "final" in result:
         print("\nheld-out metrics (eval/final.json):")
         print(summary_table(result.get("untrained", {}), result["final"]))
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run directory written by `grc train` (runs/<name>)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--data", default=None, help="JSONL to evaluate on (default: data.eval_path)")
+    p.add_argument("--out", default=None, help="write the metrics JSON here too")
+    p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+
+
+def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    from grc_jax.core.errors import MissingPathError
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise MissingPathError(f"{run} is not a run directory (no config.yaml)")
 
     import jax
 
     from grc_jax.checkpoints import RunCheckpoints
+    from grc_jax.cli._paths import user_paths
     from grc_jax.core.config import load_config
     from grc_jax.core.sharding import make_mesh
     from grc_jax.data.sources import read_records
@@ -84,9 +95,6 @@ def _eval(args: argparse.Namespace) -> int:
     from grc_jax.train.loop import prepare_tokenizer
     from grc_jax.train.state import create_state
 
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
     cfg = load_config(run / "config.yaml", args.overrides)
     tok = prepare_tokenizer(cfg, run)
     state, _ = create_state(cfg, make_mesh(cfg.mesh), jax.random.key(0))
@@ -99,17 +107,6 @@ def _eval(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        with user_paths(FileNotFoundError):
+            Path(args.out).write_text(text)
     return 0
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a run directory written by `grc train` (runs/<name>)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--data", default=None, help="JSONL to evaluate on (default: data.eval_path)")
-    p.add_argument("--out", default=None, help="write the metrics JSON here too")
-    p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-
-
-add_command("train", "train (or resume) a GRC model from a YAML config", _train_args, _train)
-add_command("eval", "evaluate a run's checkpoint on held-out data (JSON)", _eval_args, _eval)

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from grc_jax.core.errors import MissingPathError, UsageError
 
-from grc_jax.cli import add_command
+# numpy, JAX and the inference modules are imported inside the functions that use them (deferred
+# to keep `--help` fast).
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -46,7 +47,7 @@ def _sampling(args: argparse.Namespace):
     from grc_jax.infer.sampling import SamplingParams
 
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: expected at least 1, got {args.max_new_tokens}")
+        raise UsageError(f"--max-new-tokens: expected at least 1, got {args.max_new_tokens}")
     return SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
 
 
@@ -78,7 +79,7 @@ def _nonempty(values: list[str] | None, flag: str) -> list[str]:
     for i, v in enumerate(values):
         if not v.strip():
             which = f"{flag} #{i + 1}" if len(values) > 1 else flag
-            raise ValueError(f"{which}: empty text")
+            raise UsageError(f"{which}: empty text")
     return values
 
 
@@ -88,11 +89,11 @@ def _lines(path: str | None, flag: str) -> list[str]:
         return []
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{flag} {str(p)!r} does not exist")
+        raise MissingPathError(f"{flag} {str(p)!r} does not exist")
     lines = [line.strip() for line in p.read_text().splitlines()]
     lines = [line for line in lines if line]
     if not lines:
-        raise ValueError(f"{flag} {str(p)!r} holds no non-empty line")
+        raise UsageError(f"{flag} {str(p)!r} holds no non-empty line")
     return lines
 
 
@@ -100,7 +101,7 @@ def _out_file(path: str | Path) -> Path:
     """An output file path, its parent directory created."""
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"--out {str(p)!r} is a directory; expected a file path")
+        raise UsageError(f"--out {str(p)!r} is a directory; expected a file path")
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -131,14 +132,16 @@ def _load_memories(engine, paths: list[str]):
     return memories
 
 
-def _round(a: np.ndarray, digits: int) -> list:
+def _round(a: Any, digits: int) -> list:
+    import numpy as np
+
     return np.round(np.asarray(a, np.float64), digits).tolist()
 
 
 # ---------------------------------------------------------------------------------- generate
 
 
-def _generate_args(p: argparse.ArgumentParser) -> None:
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument(
         "--prompt", action="append",
@@ -153,15 +156,15 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of the text")
 
 
-def _generate(args: argparse.Namespace) -> int:
+def run_generate(args: argparse.Namespace) -> int:
     prompts = _nonempty(args.prompt, "--prompt")
     if not prompts and not args.memory:
-        raise ValueError("nothing to generate from: give --prompt and/or --memory")
+        raise UsageError("nothing to generate from: give --prompt and/or --memory")
     sampling = _sampling(args)
     engine = _engine(args)
     memories = _load_memories(engine, args.memory)
     if engine.cfg.grc.memory_mode == "recurrent" and len(memories) > 1:
-        raise ValueError(
+        raise UsageError(
             f"--memory: {args.model} uses memory_mode='recurrent', whose generation reads one "
             f"running memory (fold chunks into it with `grc update`); got {len(memories)}"
         )
@@ -189,7 +192,7 @@ def _generate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- embed
 
 
-def _embed_args(p: argparse.ArgumentParser) -> None:
+def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--text", action="append", help="a text (document) to embed (repeatable)")
     p.add_argument("--file", help="a file of texts to embed, one per line")
@@ -207,14 +210,16 @@ def _embed_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _embed(args: argparse.Namespace) -> int:
+def run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
     texts = _nonempty(args.text, "--text") + _lines(args.file, "--file")
     queries = _nonempty(args.query, "--query")
     out = _out_file(args.out) if args.out else None
     if not texts and not queries:
-        raise ValueError("nothing to embed: give --text, --file or --query")
+        raise UsageError("nothing to embed: give --text, --file or --query")
     if args.self_reason and not queries:
-        raise ValueError("--self-reason applies to --query texts; none given")
+        raise UsageError("--self-reason applies to --query texts; none given")
     engine = _engine(args)
     parts = []
     if texts:
@@ -250,7 +255,7 @@ def _embed(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- compress
 
 
-def _compress_args(p: argparse.ArgumentParser) -> None:
+def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--text", action="append", help="a text to compress (repeatable)")
     p.add_argument("--file", help="a file of texts to compress, one per line")
@@ -260,14 +265,16 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _compress(args: argparse.Namespace) -> int:
+def run_compress(args: argparse.Namespace) -> int:
+    import numpy as np
+
     texts = _nonempty(args.text, "--text") + _lines(args.file, "--file")
     if not texts:
-        raise ValueError("nothing to compress: give --text or --file")
+        raise UsageError("nothing to compress: give --text or --file")
     out = Path(args.out)
     many = args.file is not None or len(texts) > 1
     if many and out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; several texts are written to a directory")
+        raise UsageError(f"--out {str(out)!r} is a file; several texts are written to a directory")
     if not many:
         out = _out_file(out)
     engine = _engine(args)
@@ -298,7 +305,7 @@ def _compress(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- index
 
 
-def _index_args(p: argparse.ArgumentParser) -> None:
+def add_index_arguments(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument(
         "--corpus", required=True,
@@ -316,7 +323,7 @@ def corpus_documents(path: str | Path) -> list[str]:
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"--corpus {str(p)!r} does not exist")
+        raise MissingPathError(f"--corpus {str(p)!r} does not exist")
     if p.suffix not in (".jsonl", ".json"):
         return _lines(str(p), "--corpus")
     docs: dict[str, None] = {}
@@ -325,17 +332,17 @@ def corpus_documents(path: str | Path) -> list[str]:
             r = parse_record(line, f"{p}:{n}")
             docs.update(dict.fromkeys([r.positive, *r.negatives]))
     if not docs:
-        raise ValueError(f"--corpus {str(p)!r} holds no record")
+        raise UsageError(f"--corpus {str(p)!r} holds no record")
     return list(docs)
 
 
-def _index(args: argparse.Namespace) -> int:
+def run_index(args: argparse.Namespace) -> int:
     from grc_jax.infer.index import build_index
 
     docs = corpus_documents(args.corpus)
     if args.limit is not None:
         if args.limit < 1:
-            raise ValueError(f"--limit: expected at least 1, got {args.limit}")
+            raise UsageError(f"--limit: expected at least 1, got {args.limit}")
         docs = docs[: args.limit]
     engine = _engine(args)
     index = build_index(engine, docs, args.out)
@@ -349,15 +356,16 @@ def _index(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- update
 
 
-def _update_args(p: argparse.ArgumentParser) -> None:
+def add_update_arguments(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--memory", required=True, help="the running memory (.safetensors)")
     p.add_argument("--chunk", required=True, help="the next chunk of text")
     p.add_argument("--out", required=True, help="where to write the new memory (.safetensors)")
 
 
-def _update(args: argparse.Namespace) -> int:
-    from grc_jax.infer.memory import LatentMemory, MemoryMismatchError
+def run_update(args: argparse.Namespace) -> int:
+    from grc_jax.core.errors import MemoryMismatchError
+    from grc_jax.infer.memory import LatentMemory
 
     chunk = _nonempty([args.chunk], "--chunk")[0]
     memory = LatentMemory.load(args.memory)
@@ -381,7 +389,7 @@ def _update(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- rag
 
 
-def _rag_args(p: argparse.ArgumentParser) -> None:
+def add_rag_arguments(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--index", required=True, help="index directory (grc index)")
     p.add_argument("--question", required=True, help="the question")
@@ -393,12 +401,12 @@ def _rag_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def _rag(args: argparse.Namespace) -> int:
+def run_rag(args: argparse.Namespace) -> int:
     from grc_jax.infer.index import load_index, rag
 
     question = _nonempty([args.question], "--question")[0]
     if args.k < 1:
-        raise ValueError(f"-k: expected at least 1, got {args.k}")
+        raise UsageError(f"-k: expected at least 1, got {args.k}")
     sampling = _sampling(args)
     index = load_index(args.index)
     engine = _engine(args)
@@ -415,31 +423,3 @@ def _rag(args: argparse.Namespace) -> int:
             print(f"{n}. [{h.id}] {h.score:.4f}  {h.text}")
         print(f"answer: {r.answer}")
     return 0
-
-
-# ---------------------------------------------------------------------------------- registration
-
-
-def _user_errors(run):
-    """Errors a user causes that are not ValueError/FileNotFoundError -> exit 2 like those."""
-
-    def wrapped(args: argparse.Namespace) -> int:
-        from grc_jax.core.errors import CheckpointError, OutOfPagesError
-
-        try:
-            return run(args)
-        except (OutOfPagesError, CheckpointError) as e:
-            raise ValueError(str(e)) from e
-
-    return wrapped
-
-
-for _name, _help, _args, _run in [
-    ("generate", "generate text, optionally reading latent memories", _generate_args, _generate),
-    ("embed", "embed texts and queries (JSON; --out writes .npy)", _embed_args, _embed),
-    ("compress", "compress texts into latent memory files", _compress_args, _compress),
-    ("index", "build a retrieval index (embeddings + memories) of a corpus", _index_args, _index),
-    ("update", "recurrent mode: fold a chunk of text into a memory", _update_args, _update),
-    ("rag", "retrieve top-k documents, then generate over their memories", _rag_args, _rag),
-]:
-    add_command(_name, _help, _args, _user_errors(_run))
