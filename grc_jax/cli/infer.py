@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from grc_jax.core.constants import check_memory_reads
 from grc_jax.core.errors import MissingPathError, UsageError
 
 # numpy, JAX and the inference modules are imported inside the functions that use them (deferred
@@ -163,11 +164,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     engine = _engine(args)
     memories = _load_memories(engine, args.memory)
-    if engine.cfg.grc.memory_mode == "recurrent" and len(memories) > 1:
-        raise UsageError(
-            f"--memory: {args.model} uses memory_mode='recurrent', whose generation reads one "
-            f"running memory (fold chunks into it with `grc update`); got {len(memories)}"
-        )
+    check_memory_reads(engine.cfg.grc.memory_mode, len(memories), f"--memory: {args.model}")
     kw = {"max_new_tokens": args.max_new_tokens, "sampling": sampling}
     if prompts:
         gens = engine.generate(prompts, [memories for _ in prompts], **kw)

@@ -14,6 +14,7 @@ from typing import Any
 
 from grc_jax.convert.hf_import import TOKENIZER_FILES
 from grc_jax.core.errors import ExportError
+from grc_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 
 def _sentencepiece_tokenizer_json(model: bytes, bos_piece: str, bos_id: int) -> str | None:
@@ -95,8 +96,6 @@ def _sentencepiece_tokenizer_json(model: bytes, bos_piece: str, bos_id: int) -> 
 
 def tokenizer_files(tok: Any, max_length: int) -> dict[str, bytes]:
     """The HF tokenizer files of a grc tokenizer (file name -> content)."""
-    from grc_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer
-
     if isinstance(tok, HFTokenizer):
         directory = Path(tok.path).parent
         files = {f: (directory / f).read_bytes() for f in TOKENIZER_FILES

@@ -27,6 +27,7 @@ import numpy as np
 
 import grc_jax
 from grc_jax.checkpoints import save_params
+from grc_jax.convert.gguf import load_gguf, save_tokenizer
 from grc_jax.convert.hf_config import model_config_from_hf
 from grc_jax.convert.param_map import hf_to_params
 from grc_jax.core.config import Config, config_from_dict, save_config
@@ -191,8 +192,6 @@ def import_checkpoint(
     src, out = Path(src), Path(out)
     _check_out(out, force)  # fail before the (slow) load
     if src.is_file() and src.suffix == ".gguf":
-        from grc_jax.convert.gguf import load_gguf
-
         fmt = "gguf"
         hf, tensors, meta = load_gguf(src)
         files = [src]
@@ -223,8 +222,6 @@ def import_checkpoint(
     save_config(cfg, out / "config.yaml")
     save_params(params, out / "params")
     if fmt == "gguf":
-        from grc_jax.convert.gguf import save_tokenizer
-
         copied = save_tokenizer(meta, out)
     else:
         copied = [f for f in _COPIED if (src / f).is_file()]

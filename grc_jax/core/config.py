@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from grc_jax.core.constants import MemoryMode
 from grc_jax.core.errors import ConfigError
 
 
@@ -124,7 +125,7 @@ class GRCConfig:
     """The GRC method's knobs (DESIGN.md): latents, visibility mode, pooling, contrastive loss."""
 
     num_latents: int = 16
-    memory_mode: Literal["independent", "recurrent"] = "independent"
+    memory_mode: MemoryMode = "independent"
     pooling: Literal["mean", "last"] = "mean"
     projection_dim: int | None = None  # None: no projection head on the embedding
     loss_weights: LossWeights = LossWeights()

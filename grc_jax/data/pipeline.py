@@ -26,6 +26,7 @@ import numpy as np
 
 from grc_jax.core.batch import ROW_FIELDS, Batch, Rows
 from grc_jax.core.config import Config
+from grc_jax.core.errors import ConfigError, DataError
 from grc_jax.core.roles import DOC, GEN, LATENT, QUERY
 from grc_jax.data.layout import Example, gen, latents, layout_example, text
 from grc_jax.data.schema import BadLineError, GRCRecord, parse_record
@@ -210,7 +211,7 @@ class _GRCBatchIterator(grain.DatasetIterator):
                 continue
             if self.builder.groups == 0:
                 n = sum(len(e["tokens"]) for e in self._pending.examples)
-                raise ValueError(
+                raise DataError(
                     f"a record's group of {len(self._pending.examples)} examples ({n} tokens) does "
                     f"not fit in one batch of {self.builder.rows} rows x {self.builder.seq_len} "
                     "tokens; raise data.seq_len or data.batch_size, or use fewer negatives"
@@ -276,7 +277,7 @@ def train_dataset(
 ) -> tuple[grain.IterDataset, RecordParser]:
     """This process's share of the training batches (local rows = global batch / processes)."""
     if cfg.data.batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by {process_count} processes"
         )
     parser = RecordParser(cfg.data.skip_bad_lines)

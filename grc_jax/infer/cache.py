@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax.core.config import ModelConfig
-from grc_jax.core.errors import OutOfPagesError
+from grc_jax.core.errors import OutOfPagesError, UsageError
 
 
 class PagePool:
@@ -18,7 +18,7 @@ class PagePool:
 
     def __init__(self, n_pages: int, page_size: int):
         if n_pages < 2:
-            raise ValueError(f"n_pages: expected at least 2 (page 0 is reserved), got {n_pages}")
+            raise UsageError(f"n_pages: expected at least 2 (page 0 is reserved), got {n_pages}")
         self.n_pages, self.page_size = n_pages, page_size
         self._free = list(range(n_pages - 1, 0, -1))
         self.owner: dict[int, int] = {}

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from grc_jax.core.constants import check_memory_reads
 from grc_jax.core.errors import (
     IndexFormatError,
     IndexMismatchError,
-    MemoryMismatchError,
     MissingPathError,
     UsageError,
 )
@@ -225,11 +225,7 @@ def rag(
     question as text; the KV cost is `k * K` tokens whatever the documents' lengths.
     """
     check_index(engine, index)
-    if engine.cfg.grc.memory_mode == "recurrent" and k > 1:
-        raise MemoryMismatchError(
-            f"rag: this model uses memory_mode='recurrent', whose generation reads one running "
-            f"memory; use k=1 (got k={k})"
-        )
+    check_memory_reads(engine.cfg.grc.memory_mode, k, "rag: k")
     q = engine.embed([question], self_reason=self_reason)[0]
     scores, ids = search(index, q, k)
     memories = index.memories([int(i) for i in ids])

@@ -7,15 +7,12 @@ decode path can evaluate it on cached keys without materialising a square mask.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
+from grc_jax.core.constants import MEMORY_MODES, MemoryMode
+from grc_jax.core.errors import ConfigError
 from grc_jax.core.roles import LATENT
-
-MemoryMode = Literal["independent", "recurrent"]
-MEMORY_MODES = ("independent", "recurrent")
 
 
 def visible(
@@ -36,7 +33,7 @@ def visible(
     index order of the packed row (causality is by index, not by RoPE position).
     """
     if memory_mode not in MEMORY_MODES:
-        raise ValueError(f"memory_mode: expected one of {MEMORY_MODES}, got {memory_mode!r}")
+        raise ConfigError(f"memory_mode: expected one of {MEMORY_MODES}, got {memory_mode!r}")
     same_example = (q_seg == k_seg) & (q_seg != 0)
     causal = k_idx <= q_idx
     k_latent = k_role == LATENT

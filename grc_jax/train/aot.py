@@ -12,7 +12,16 @@ import math
 import re
 from typing import Any
 
+import jax
+from jax.experimental import topologies
+
 from grc_jax.core.errors import UsageError
+from grc_jax.core.sharding import activation_sharding, make_mesh
+from grc_jax.data.pipeline import BatchBuilder, slots_per_row
+from grc_jax.model.params import init_grc_params
+from grc_jax.train.optim import make_optimizer
+from grc_jax.train.state import TrainState, state_shardings
+from grc_jax.train.step import batch_shardings, make_train_step
 
 # High-bandwidth memory per chip, GiB (Cloud TPU system architecture pages).
 HBM_GIB = {"v4": 32, "v5p": 95, "v5litepod": 16, "v5e": 16, "v6e": 32}
@@ -66,10 +75,6 @@ def topology_name(accelerator: str) -> tuple[str, str]:
 
 def abstract_batch(cfg) -> Any:
     """Shapes and dtypes of one global training batch (from the pipeline's own batch builder)."""
-    import jax
-
-    from grc_jax.data.pipeline import BatchBuilder, slots_per_row
-
     # One empty row has every field with its per-row shape and dtype; the batch stacks B of them.
     one_row = BatchBuilder(1, cfg.data.seq_len, slots_per_row(cfg), 1, 0).finish()
     return jax.tree.map(
@@ -84,15 +89,6 @@ def _jitted(step: Any) -> Any:
 
 def compile_train_step(cfg, topology: str) -> dict[str, Any]:
     """Compile `cfg`'s train step for `topology` (e.g. v5p-128); per-device memory in bytes."""
-    import jax
-    from jax.experimental import topologies
-
-    from grc_jax.core.sharding import activation_sharding, make_mesh
-    from grc_jax.model.params import init_grc_params
-    from grc_jax.train.optim import make_optimizer
-    from grc_jax.train.state import TrainState, state_shardings
-    from grc_jax.train.step import batch_shardings, make_train_step
-
     gen, name = topology_name(topology)
     try:
         topo = topologies.get_topology_desc(topology_name=name, platform="tpu")

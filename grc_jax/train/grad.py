@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from grc_jax.core.batch import Batch
 from grc_jax.core.config import GRCConfig, ModelConfig
+from grc_jax.core.errors import ConfigError
 from grc_jax.model import forward
 from grc_jax.model.params import GRCParams
 from grc_jax.train.losses import (
@@ -38,7 +39,7 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
 
     def split(x):
         if x.shape[0] % n:
-            raise ValueError(f"train.microbatches={n} does not divide the batch size {x.shape[0]}")
+            raise ConfigError(f"train.microbatches={n} does not divide the batch size {x.shape[0]}")
         return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)

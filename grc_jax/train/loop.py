@@ -87,7 +87,7 @@ def _load_init(cfg: Config):
         return None
     imported_cfg, params = load_imported(cfg.train.init_from)
     if imported_cfg.model != cfg.model:
-        raise ValueError(
+        raise ConfigError(
             f"train.init_from={cfg.train.init_from!r}: its model config differs from this run's "
             "model section; start from the imported config.yaml"
         )
