@@ -2,7 +2,7 @@
 
 The only way golden files change: run `make golden`, then read the printed diff (and `git diff`)
 before committing. The tables come from `grc_jax.model.sharding_report`, as in
-`tests/test_sharding.py`.
+`tests/core/test_sharding.py`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,6 @@ def check_memory_reads(memory_mode: str, n_memories: int, what: str) -> None:
     """The `recurrent` mode reads one running memory: refuse more (DESIGN.md section 5)."""
     if memory_mode == "recurrent" and n_memories > 1:
         raise MemoryMismatchError(
-            f"{what}: this model uses memory_mode='recurrent', whose generation reads one running "
-            f"memory (fold chunks into it with `grc update`); got {n_memories}"
+            f"{what} uses memory_mode='recurrent', whose generation reads one running memory "
+            f"(fold chunks into it with `grc update`); got {n_memories}"
         )

@@ -225,7 +225,7 @@ def rag(
     question as text; the KV cost is `k * K` tokens whatever the documents' lengths.
     """
     check_index(engine, index)
-    check_memory_reads(engine.cfg.grc.memory_mode, k, "rag: k")
+    check_memory_reads(engine.cfg.grc.memory_mode, k, "rag: this model")
     q = engine.embed([question], self_reason=self_reason)[0]
     scores, ids = search(index, q, k)
     memories = index.memories([int(i) for i in ids])

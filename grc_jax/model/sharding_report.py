@@ -1,7 +1,8 @@
 """JSON-friendly tables of every parameter's PartitionSpec: what `tests/golden/` records.
 
-`scripts/update_golden.py` writes these tables and `tests/test_sharding.py` recomputes and compares
-them, both through `golden_document`, so the reviewed files and the test cannot drift apart.
+`scripts/update_golden.py` writes these tables and `tests/core/test_sharding.py` recomputes and
+compares them, both through `golden_document`, so the reviewed files and the test cannot
+drift apart.
 The meshes need 8 devices (8 simulated CPU devices in tests and in the script).
 """
 

@@ -173,7 +173,7 @@ def test_train_keeps_exit_1_for_non_finite_loss_and_checkpoints(error, monkeypat
 def test_train_exit_1_through_the_real_command(tmp_path, monkeypatch, capsys):
     """`run_train` itself lets a non-finite loss through to `main` (exit 1)."""
 
-    def train(cfg, max_steps=None):
+    def train(cfg, max_steps=None, hooks=()):
         raise NonFiniteLossError("step 1: non-finite loss")
 
     monkeypatch.setattr("grc_jax.train.loop.train", train)

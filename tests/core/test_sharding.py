@@ -42,8 +42,8 @@ from grc_jax.model.sharding_report import (
 )
 from grc_jax.model.transformer import abstract_params, forward, init_params
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN_DIR = ROOT / "tests" / "golden"
 MESH_IDS = ["x".join(map(str, m)) for m in GOLDEN_MESHES]
 
 

@@ -13,7 +13,7 @@ from grc_jax.core.config import (
     save_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # Published HF config.json values of the real architectures (hidden_size, layers, heads, ...).
 PUBLISHED = {
