@@ -44,6 +44,7 @@ from grc_jax.infer.memory import LatentMemory
 from grc_jax.model import forward
 from grc_jax.model.params import init_grc_params
 from grc_jax.train.loop import train
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4  # fp32 logits and memories
@@ -61,20 +62,8 @@ PROMPT = "which city has a river ?"
 
 
 def word_tokenizer(directory: Path):
-    """A tiny word-level tokenizer.json + tokenizer_config.json, loaded as grc's HFTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
-    vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()
-    tok.save(str(directory / "tokenizer.json"))
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return load_tokenizer(directory)
+    """A tiny word-level tokenizer over `WORDS`, loaded as grc's HFTokenizer."""
+    return helpers.word_tokenizer(directory, WORDS)
 
 
 def perturb(params, seed: int = 0):

@@ -17,7 +17,6 @@ from grc_jax.convert.export import export_hooks
 from grc_jax.core.config import Config, GRCConfig, ModelConfig, TrainConfig, load_config
 from grc_jax.core.errors import ExportError, NonFiniteLossError
 from grc_jax.data.synth import synthesize
-from grc_jax.data.tokenizer import load_tokenizer
 from grc_jax.model.params import init_grc_params
 from grc_jax.train import loop
 from grc_jax.train.hooks import (
@@ -31,6 +30,7 @@ from grc_jax.train.hooks import (
     Tick,
     default_hooks,
 )
+from tests.helpers import TINY_MODEL, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = TrainConfig(log_every=5, checkpoint_every=3, eval_every=4)
@@ -258,21 +258,6 @@ def test_eval_hook_writes_step_files_and_skips_the_last_step(tmp_path):
 # -------------------------------------------------------------------------------- export
 
 
-def _word_tokenizer(directory: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    directory.mkdir(parents=True, exist_ok=True)
-    words = "the cat sat on a mat dogs run fast".split()
-    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(directory / "tokenizer.json"))
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return load_tokenizer(directory)
-
-
 def test_export_hooks_export_at_their_steps(tmp_path):
     model = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
                         head_dim=8, d_ff=64)  # fmt: skip
@@ -285,7 +270,7 @@ def test_export_hooks_export_at_their_steps(tmp_path):
     run = SimpleNamespace(
         cfg=cfg,
         directory=tmp_path / "run",
-        tok=_word_tokenizer(tmp_path / "tok"),
+        tok=word_tokenizer(tmp_path / "tok", "the cat sat on a mat dogs run fast".split()),
         state=SimpleNamespace(params=init_grc_params(cfg, jax.random.key(0))),
     )
     drive(run, hooks, 5)
@@ -298,10 +283,8 @@ def test_export_hooks_export_at_their_steps(tmp_path):
 # ----------------------------------------------------------------------- in the real loop
 
 TINY = [
-    "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
-    "model.head_dim=16", "model.d_ff=64", "model.vocab_size=512", "grc.num_latents=4",
-    "data.seq_len=128", "data.batch_size=8", "train.eval_queries=2", "train.warmup_steps=1",
-    "train.steps=4", "train.log_every=3", "train.checkpoint_every=4", "train.eval_every=2",
+    *TINY_MODEL, "train.warmup_steps=1", "train.steps=4", "train.log_every=3",
+    "train.checkpoint_every=4", "train.eval_every=2",
 ]  # fmt: skip
 
 

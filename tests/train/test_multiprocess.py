@@ -17,14 +17,13 @@ from grc_jax.core.config import load_config
 from grc_jax.core.distributed import DistributedConfigError, Plan, plan
 from grc_jax.data.synth import synthesize
 from grc_jax.train.loop import train
+from tests.helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 # A smaller model than test_train_loop's SMALL: two processes share this machine's two cores.
 TINY = [
-    "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
-    "model.head_dim=16", "model.d_ff=64", "model.vocab_size=512", "grc.num_latents=4",
-    "data.seq_len=128", "data.batch_size=8", "train.log_every=1", "train.eval_every=1000",
-    "train.eval_queries=2", "train.warmup_steps=2", "train.steps=5", "train.checkpoint_every=3",
+    *TINY_MODEL, "train.log_every=1", "train.eval_every=1000", "train.warmup_steps=2",
+    "train.steps=5", "train.checkpoint_every=3",
 ]  # fmt: skip
 TIMEOUT_S = 240
 
