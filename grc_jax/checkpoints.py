@@ -232,5 +232,5 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Config, GRCPa
         cfg, model_params = load_imported(path)
         # The embedding head a GRC run from this import starts with (same seed as training).
         full = init_grc_params(cfg, jax.random.key(cfg.train.seed), model_params)
-        params = GRCParams(full.model, full.head)
+        params = GRCParams(model=full.model, head=full.head)
     return cfg, params, model_tokenizer(cfg, path)

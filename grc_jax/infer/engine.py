@@ -137,9 +137,10 @@ class Engine:
     def __init__(self, cfg: Config, params: GRCParams, tok: Tokenizer, opts=EngineOptions()):
         self.cfg, self.tok, self.opts = cfg, tok, opts
         self.K = cfg.grc.num_latents
-        # Decoding slices each layer's weights every step: keep them per layer (unstacked once)
-        # rather than stacked, which XLA would copy per step; the engine's training-layout
-        # forward then runs unscanned too (same math, bit for bit under jit).
+        # Decoding (`Transformer.decode`) runs layer by layer on per-layer weights: unstack a
+        # scanned checkpoint once here (slicing stacked weights inside the step would copy them
+        # every step); the engine's training-layout forward then runs unscanned too (same math,
+        # bit for bit under jit).
         model_params = params.merged(cfg.model.scan_layers)
         if cfg.model.scan_layers:
             model_params = unstack_layers(model_params, cfg.model.n_layers)

@@ -14,7 +14,7 @@ from grc_jax.model.lora import init_lora, merge_lora
 from grc_jax.model.transformer import init_params
 
 
-@flax.struct.dataclass
+@flax.struct.dataclass(kw_only=True)
 class GRCParams:
     """`model`: the transformer's params (Flax's nested dict, scanned or per-layer layout);
     `head`: the embedding head; `lora`: `{kernel path: {"a", "b"}}` factors, or None."""
@@ -23,9 +23,12 @@ class GRCParams:
     # construction is not type-checked; the annotations are the contract.
     __no_type_check__ = True
 
-    model: dict[str, Any]
+    # Field order is the leaf order (head, lora, model: alphabetical, as the dict of params was):
+    # the global-norm clip and the gradient norm sum over leaves in this order, so it fixes the
+    # float rounding of a training run.
     head: HeadParams
     lora: dict[str, dict[str, Array]] | None = None
+    model: dict[str, Any]
 
     def merged(self, scanned: bool) -> dict[str, Any]:
         """The transformer params a forward pass uses: LoRA merged into the kernels when present."""
@@ -42,4 +45,5 @@ def init_grc_params(cfg: Config, rng: jax.Array, model_params: Any | None = None
     lora = None
     if cfg.train.lora_rank > 0:
         lora = init_lora(model_params, cfg.train.lora_rank, cfg.model.scan_layers, r_lora)
-    return GRCParams(model_params, init_head(cfg.grc, cfg.model.d_model, r_head), lora)
+    head = init_head(cfg.grc, cfg.model.d_model, r_head)
+    return GRCParams(model=model_params, head=head, lora=lora)
