@@ -55,7 +55,8 @@ def apply_rope(
     """Rotate `x` (heads on axis 2) by the angles of its positions; computed in float32."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    out = x * cos[:, :, None, :] + rotate_half(x) * sin[:, :, None, :]
+    rotated = rotate_half(x)  # before `x * cos`: the order of the traced ops fixes the backward's
+    out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]  # gradient summation order
     return out.astype(dtype)
 
 
