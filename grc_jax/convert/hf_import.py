@@ -20,7 +20,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -101,14 +101,41 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ImportModelError(f"cannot read {str(path)!r}: {e}") from e
 
 
+def _shard_path(src: Path, entry: Any, index: Path) -> Path:
+    """A `weight_map` file entry as a path inside the model directory `src`; an entry that could
+    name a file elsewhere (absolute, a `..` component, a subdirectory that resolves outside
+    `src`) is refused.
+
+    The file itself may be a symlink: the Hugging Face cache links each snapshot's files to its
+    `blobs/`; what the index names must lie in the directory, and the directories it passes through
+    must resolve inside it.
+    """
+    if not isinstance(entry, str) or not entry.strip():
+        raise ImportModelError(f"{str(index)!r}: weight_map entry {entry!r} is not a file name")
+    name = PurePath(entry)
+    outside = (
+        f"{str(index)!r}: weight_map entry {entry!r} {{}}; weight files are read only from "
+        f"inside the model directory {str(src)!r}"
+    )
+    if name.is_absolute() or name.drive or name.root:
+        raise ImportModelError(outside.format("is an absolute path"))
+    if ".." in name.parts:
+        raise ImportModelError(outside.format("points outside the model directory"))
+    path = src / name
+    if not path.parent.resolve().is_relative_to(src.resolve()):
+        raise ImportModelError(outside.format("is in a directory that resolves elsewhere"))
+    return path
+
+
 def safetensors_files(src: Path) -> list[Path]:
     """A HF directory's weight files: per `model.safetensors.index.json`, else `*.safetensors`."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        meta = _read_json(index)
+        weight_map = meta.get("weight_map") if isinstance(meta, Mapping) else None
         if not isinstance(weight_map, Mapping) or not weight_map:
             raise ImportModelError(f"{str(index)!r} has no 'weight_map'")
-        files = [src / f for f in sorted(set(weight_map.values()))]
+        files = sorted({_shard_path(src, f, index) for f in weight_map.values()})
         for f in files:
             if not f.is_file():
                 raise MissingPathError(f"{str(f)!r} (listed in {str(index)!r}) does not exist")

@@ -8,6 +8,15 @@
 - `update(memory, chunk)` (`recurrent` mode): the chunk reads the old memory; new latents
   replace it.
 
+Positions: a pass is refused (`UsageError`, before any compute) when the RoPE positions it uses
+span more than `model.max_position_embeddings`, the range the model was configured for. Only
+differences of positions reach attention, so what counts is the span of one sequence, first to
+last position: `compress` / `embed` lay out `[bos text][reasoning][LATENT x K]` (n + r + K
+positions; `independent` mode puts the text at negative positions, `recurrent` at 0..), with
+`self_reason` counted at its `max_reasoning` budget; generation over m memories runs from 0 (the
+memories at [j*K, (j+1)*K)) through m*K + prompt + `max_new_tokens`; `update` places the old memory
+at 0..K-1, the chunk after it and the new latents after the chunk (2K + chunk).
+
 Generation runs on a paged KV cache with a shared latent-memory pool: requests are batched (fixed
 batch, padded), prompts are prefilled in fixed-size chunks and decoding is one jitted step per
 token, so nothing recompiles per token or per request.
@@ -42,6 +51,11 @@ from grc_jax.model.rope import inverse_frequencies, rotate
 from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS
 
 GREEDY = SamplingParams()
+
+
+def _preview(s: str, n: int = 24) -> str:
+    """The start of a text, to name it in an error."""
+    return repr(s if len(s) <= n else s[:n] + "...")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +201,27 @@ class Engine:
             raise UsageError(f"{what}: expected non-empty text, got {s!r}")
         return self.tok.encode(s)
 
+    def _check_span(self, n_positions: int, what: str, parts: str) -> None:
+        """Refuse a sequence whose positions span more than `model.max_position_embeddings`
+        (see the module docstring); `what` names the input, `parts` says what adds up."""
+        limit = self.cfg.model.max_position_embeddings
+        if n_positions > limit:
+            raise UsageError(
+                f"{what} has {parts} = {n_positions} positions, more than "
+                f"model.max_position_embeddings={limit}"
+            )
+
+    def _check_compression(self, kind: str, docs: list[list[int]], texts: list[str],
+                           reasoning: int = 0) -> None:  # fmt: skip
+        """`[bos text][reasoning <= reasoning][LATENT x K]` of each text fits the positions."""
+        extra = f" + up to {reasoning} reasoning tokens" if reasoning else ""
+        for i, (d, t) in enumerate(zip(docs, texts)):
+            self._check_span(
+                len(d) + reasoning + self.K,
+                f"{kind}: text {i} ({_preview(t)})",
+                f"{len(d)} tokens (with bos){extra} + {self.K} latents",
+            )
+
     def _embed_rows(self, rows) -> tuple[Any, np.ndarray]:
         out = self._forward(self.model_params, rows)
         pooled = pool_latents(
@@ -204,6 +239,7 @@ class Engine:
         if not texts:
             return np.zeros((0, self._embedding_dim()), np.float32)
         prompts = [[self.tok.bos_id, *self._encode_text(t, "embed")] for t in texts]
+        self._check_compression("embed", prompts, texts, max_reasoning if self_reason else 0)
         reasoning = [[] for _ in prompts]
         if self_reason:
             reasoning = [
@@ -223,10 +259,13 @@ class Engine:
 
     def compress(self, texts: list[str]) -> list[tuple[LatentMemory, np.ndarray]]:
         """One pass per text: its latent memory (canonical K/V) and its embedding."""
+        if isinstance(texts, str):
+            raise TypeError("compress: expected a list of texts, got one string")
+        all_docs = [[self.tok.bos_id, *self._encode_text(t, "compress")] for t in texts]
+        self._check_compression("compress", all_docs, texts)
         results = []
-        for i in range(0, len(texts), 64):
-            chunk = texts[i : i + 64]
-            docs = [[self.tok.bos_id, *self._encode_text(t, "compress")] for t in chunk]
+        for i in range(0, len(all_docs), 64):
+            docs = all_docs[i : i + 64]
             rows = self._rows([[[text(d), latents(self.K)]] for d in docs])
             out, emb = self._embed_rows(rows)
             k_all, v_all = (np.asarray(a) for a in out.kv)  # [L, b, t, G, D]
@@ -262,6 +301,10 @@ class Engine:
             )
         self.check_memory(memory, "update: memory")
         ids = self._encode_text(chunk, "update")
+        self._check_span(
+            2 * self.K + len(ids), f"update: chunk ({_preview(chunk)})",
+            f"{self.K} memory latents + {len(ids)} tokens + {self.K} new latents",
+        )  # fmt: skip
         tokens = ids + list(range(self.K))
         roles = [TEXT] * len(ids) + [LATENT] * self.K
         request = Request(tokens, roles, [memory], start=self.K)
@@ -443,11 +486,17 @@ class Engine:
             raise UsageError(f"{len(prompts)} prompts but {len(memories)} memory lists")
         stop = tuple(stop_tokens) if stop_tokens is not None else (self.tok.eos_id,)
         dec = Decoding(max_new_tokens, sampling, stop, keep_stop, return_logits)
+        for b, (p, m) in enumerate(zip(prompts, memories)):
+            if len(p) == 0:
+                raise UsageError(f"generate: prompt {b} is empty")
+            reads = f"{len(m)} memories x {self.K} latents + " if m else ""
+            self._check_span(
+                len(m) * self.K + len(p) + max_new_tokens, f"generate: prompt {b}",
+                f"{reads}{len(p)} tokens + {max_new_tokens} new tokens",
+            )  # fmt: skip
         results = []
         B = self.opts.max_batch
         for i in range(0, len(prompts), B):
-            if any(len(p) == 0 for p in prompts[i : i + B]):
-                raise UsageError("generate: empty prompt")
             requests = [
                 Request(list(p), [TEXT] * len(p), list(m), start=len(m) * self.K)
                 for p, m in zip(prompts[i : i + B], memories[i : i + B])

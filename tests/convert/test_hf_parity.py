@@ -18,6 +18,7 @@ from grc_jax.convert.hf_import import import_checkpoint, load_hf_dir
 from grc_jax.convert.param_map import expected_hf_shapes, hf_to_params
 from grc_jax.core.batch import Rows
 from grc_jax.core.config import Config, GRCConfig
+from grc_jax.core.errors import ImportModelError
 from grc_jax.model.transformer import forward
 
 BATCH, LENGTH, VOCAB = 2, 12, 128
@@ -349,3 +350,61 @@ def test_import_errors_name_paths(tmp_path, llama_dir):
         import_checkpoint(src, busy)
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         import_checkpoint(tmp_path / "nope.gguf", tmp_path / "out2")
+
+
+def _sharded_dir(path, src, weight_map):
+    """A HF directory: src's config.json and weights, with an index naming `weight_map`."""
+    path.mkdir()
+    (path / "config.json").write_text((src / "config.json").read_text())
+    (path / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    index = {"metadata": {}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("../other/model.safetensors", "points outside the model directory"),
+        ("sub/../../other/model.safetensors", "points outside the model directory"),
+        ("{other}/model.safetensors", "is an absolute path"),
+        ("link/model.safetensors", "is in a directory that resolves elsewhere"),
+        (7, "is not a file name"),
+    ],
+)
+def test_weight_map_entries_stay_inside_the_model_dir(tmp_path, llama_dir, entry, message):
+    src, _ = llama_dir
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    if isinstance(entry, str):
+        entry = entry.format(other=other)
+    model = _sharded_dir(tmp_path / "model", src, {"lm_head.weight": entry})
+    (model / "link").symlink_to(other)
+    with pytest.raises(ImportModelError, match=message) as e:
+        load_hf_dir(model)
+    assert repr(entry) in str(e.value) and "model.safetensors.index.json" in str(e.value)
+
+
+def test_weight_map_outside_entry_refused_by_cli(tmp_path, llama_dir, capsys):
+    src, _ = llama_dir
+    model = _sharded_dir(tmp_path / "model", src, {"lm_head.weight": "../x/model.safetensors"})
+    assert grc_main(["import-hf", str(model), str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("grc import-hf: error: ")
+    assert "weight_map entry '../x/model.safetensors' points outside" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_weight_map_files_may_be_symlinks(tmp_path, llama_dir):
+    """The Hugging Face cache links a snapshot's files to its blobs/: a file (not a directory on
+    the way) that is a symlink out of the model directory is read."""
+    src, _ = llama_dir
+    model = _sharded_dir(tmp_path / "model", src, {})
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").symlink_to(src / "model.safetensors")
+    _, tensors, _ = load_hf_dir(src)
+    index = {"weight_map": {name: "./model.safetensors" for name in tensors}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    _, got, files = load_hf_dir(model)
+    assert files == [model / "model.safetensors"] and set(got) == set(tensors)

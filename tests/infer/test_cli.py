@@ -13,7 +13,7 @@ from grc_jax.cli import main
 from grc_jax.core.config import load_config, save_config
 from grc_jax.data.synth import synthesize
 from grc_jax.infer.engine import Engine
-from grc_jax.infer.index import load_index, search
+from grc_jax.infer.index import build_index, load_index, search
 from grc_jax.infer.memory import LatentMemory
 from grc_jax.train.loop import train
 
@@ -36,6 +36,7 @@ SMALL = [
 ]
 DOC = "velora is a city . its population is 42 thousand ."
 QUERY = "which city has a population of forty two thousand ?"
+LONG = "velora " * 1100  # more tokens than configs/tiny.yaml's max_position_embeddings=1024
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +317,20 @@ def bad(runs):
         engine = Engine(*load_model(runs[name]))
         memory = engine.compress([DOC])[0][0]
         memory.save(d / f"{name}.safetensors")
+        if name == "ind":
+            build_index(engine, [DOC, "kanvur is a city ."], d / "idx")
+    # Damaged copies of the index.
+    for damage in ("notexts", "trunc", "pickle", "nan"):
+        shutil.copytree(d / "idx", d / f"idx_{damage}")
+    meta = json.loads((d / "idx/index.json").read_text())
+    del meta["texts"]
+    (d / "idx_notexts/index.json").write_text(json.dumps(meta))
+    st = (d / "idx/memories.safetensors").read_bytes()
+    (d / "idx_trunc/memories.safetensors").write_bytes(st[: len(st) // 2])
+    np.save(d / "idx_pickle/embeddings.npy", np.array([{"x": 1}] * 2, object), allow_pickle=True)
+    emb = np.load(d / "idx/embeddings.npy")
+    emb[1, 0] = np.nan
+    np.save(d / "idx_nan/embeddings.npy", emb)
     LatentMemory(  # right model, wrong K
         k=memory.k[:, :2],
         v=memory.v[:, :2],
@@ -385,6 +400,50 @@ def bad(runs):
         ),
         (["index", "{ind}", "--corpus", "{bad}/bad.jsonl", "--out", "{bad}/i"], "bad.jsonl:2:"),
         (["rag", "{ind}", "--index", "{bad}", "--question", "hi"], "'{bad}': no index.json"),
+        # Inputs longer than the model's positions (model.max_position_embeddings=1024).
+        (
+            ["compress", "{ind}", "--text", "a", "--text", LONG, "--out", "{bad}/long"],
+            "compress: text 1 ('velora velora velora vel...') has ",
+        ),
+        (["embed", "{ind}", "--text", LONG], "embed: text 0 ('velora velora velora vel...') has "),
+        (
+            ["embed", "{ind}", "--query", "hi", "--self-reason", "--max-reasoning", "1100"],
+            "+ up to 1100 reasoning tokens + 4 latents",
+        ),
+        (
+            ["generate", "{ind}", "--prompt", "hi", "--max-new-tokens", "1100"],
+            "+ 1100 new tokens = ",
+        ),
+        (
+            [
+                "update",
+                "{rec}",
+                "--memory",
+                "{bad}/rec.safetensors",
+                "--chunk",
+                LONG,
+                "--out",
+                "{bad}/y",
+            ],
+            "update: chunk ('velora velora velora vel...') has 4 memory latents + ",
+        ),
+        # Malformed indexes: the file and what is wrong.
+        (
+            ["rag", "{ind}", "--index", "{bad}/idx_notexts", "--question", "hi"],
+            "idx_notexts/index.json': no 'texts' key",
+        ),
+        (
+            ["rag", "{ind}", "--index", "{bad}/idx_trunc", "--question", "hi"],
+            "idx_trunc/memories.safetensors': not a readable safetensors file",
+        ),
+        (
+            ["rag", "{ind}", "--index", "{bad}/idx_pickle", "--question", "hi"],
+            "idx_pickle/embeddings.npy': not a plain numeric .npy array; pickled data is never",
+        ),
+        (
+            ["rag", "{ind}", "--index", "{bad}/idx_nan", "--question", "hi"],
+            "idx_nan/embeddings.npy': 1 embedding(s) hold NaN or inf (first: row 1)",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(runs, bad, capsys, args, named):
@@ -392,3 +451,5 @@ def test_bad_input_exits_2_with_one_line(runs, bad, capsys, args, named):
     rc, _, err = grc(capsys, *[a.format(**fmt) for a in args])
     assert rc == 2
     assert len(err) == 1 and named.format(**fmt) in err[0], err
+    if "velora velora" in " ".join(args) or "--max-new-tokens" in args or "1100" in args:
+        assert "more than model.max_position_embeddings=1024" in err[0]

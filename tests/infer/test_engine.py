@@ -387,3 +387,75 @@ def test_scanned_checkpoint_serves_like_unscanned(cfg_ind, params, tok, engine, 
     assert got[0].tokens == want[0].tokens
     for a, b in zip(want[0].step_logits, got[0].step_logits):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- position limits
+
+MAX_POS = 24  # K = 4: e.g. 20 tokens (bos included) + 4 latents fit exactly
+
+
+def _short_engine(cfg, params, tok) -> Engine:
+    """An engine whose model is configured for MAX_POS positions (same weights)."""
+    cfg = replace(cfg, model=replace(cfg.model, max_position_embeddings=MAX_POS))
+    return Engine(cfg, params, tok, OPTS)  # OPTS.max_seq_len = 40: not the binding limit
+
+
+def _no_compute(eng, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a refused input reached the model")
+
+    monkeypatch.setattr(eng, "_forward", boom)
+    monkeypatch.setattr(eng, "_step", boom)
+
+
+def test_inputs_past_max_position_embeddings_are_refused(cfg_ind, cfg_rec, params, tok,
+                                                          monkeypatch):  # fmt: skip
+    """Each mode's span of positions, first to last, may be at most max_position_embeddings:
+    exactly at the limit runs, one past it is refused (naming the input) before any compute."""
+    from grc_jax.core.errors import UsageError
+
+    eng, rec = _short_engine(cfg_ind, params, tok), _short_engine(cfg_rec, params, tok)
+    fits, over = "a" * (MAX_POS - K - 1), "a" * (MAX_POS - K)  # + bos: 20 and 21 tokens
+    (mem, _), _ = eng.compress([fits, "ok"])
+    assert mem.source_tokens == MAX_POS - K
+    (rec_mem, _), = rec.compress([fits])  # fmt: skip
+    assert eng.embed([fits]).shape[0] == 1
+    q = "a" * (MAX_POS - K - 3)  # 18 tokens + 2 reasoning + 4 latents = 24
+    assert eng.embed([q], self_reason=True, max_reasoning=2).shape[0] == 1
+    # Generation over m memories runs from 0 to m*K + prompt + new tokens.
+    (g,) = eng.generate_ids([[tok.bos_id] * 12], [[mem, mem]], max_new_tokens=4, stop_tokens=())
+    assert len(g.tokens) == 4
+    (g,) = eng.generate_ids([[tok.bos_id] * 20], max_new_tokens=4, stop_tokens=())
+    assert len(g.tokens) == 4
+    # update: old memory K + chunk + new latents K.
+    new, _ = rec.update(rec_mem, "a" * (MAX_POS - 2 * K))
+    assert new.source_tokens == rec_mem.source_tokens + MAX_POS - 2 * K
+
+    _no_compute(eng, monkeypatch)
+    _no_compute(rec, monkeypatch)
+    limit = f"more than model.max_position_embeddings={MAX_POS}"
+    cases = [
+        (lambda: eng.compress(["ok", over]),
+         r"compress: text 1 \('a+'\) has 21 tokens \(with bos\) \+ 4 latents = 25 positions"),
+        (lambda: rec.compress([over]), r"compress: text 0 .* = 25 positions"),
+        (lambda: eng.embed(["ok", "b", over]), r"embed: text 2 .* = 25 positions"),
+        (lambda: eng.embed([q], self_reason=True, max_reasoning=3),
+         r"embed: text 0 .*18 tokens \(with bos\) \+ up to 3 reasoning tokens \+ 4 latents"),
+        (lambda: eng.generate_ids([[1], [tok.bos_id] * 13], [[], [mem, mem]], max_new_tokens=4),
+         r"generate: prompt 1 has 2 memories x 4 latents \+ 13 tokens \+ 4 new tokens = 25"),
+        (lambda: eng.generate(["a" * 20], max_new_tokens=4), r"generate: prompt 0 .* = 25"),
+        (lambda: rec.update(rec_mem, "a" * (MAX_POS - 2 * K + 1)),
+         r"update: chunk \('a+'\) has 4 memory latents \+ 17 tokens \+ 4 new latents = 25"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(UsageError, match=message) as e:
+            call()
+        assert limit in str(e.value)
+    assert eng.pool.free_pages == OPTS.n_pages - 1
+
+
+def test_long_text_is_named_by_its_start(cfg_ind, params, tok, monkeypatch):
+    eng = _short_engine(cfg_ind, params, tok)
+    _no_compute(eng, monkeypatch)
+    with pytest.raises(ValueError, match=r"compress: text 0 \('the quick brown fox jump\.\.\.'\)"):
+        eng.compress(["the quick brown fox jumps over the lazy dog"])
