@@ -64,6 +64,12 @@ def run_train(args: argparse.Namespace) -> int:
     if "final" in result:
         print("\nheld-out metrics (eval/final.json):")
         print(summary_table(result.get("untrained", {}), result["final"]))
+    if result.get("bad_lines_skipped") and jax.process_index() == 0:
+        print(
+            f"\nskipped {result['bad_lines_skipped']} bad record(s) of {cfg.data.train_path} "
+            "(data.skip_bad_lines=true; the first are printed above as they were met, the count "
+            "is data/bad_lines_skipped in metrics.jsonl)"
+        )
     return 0
 
 
@@ -102,7 +108,8 @@ def run_eval(args: argparse.Namespace) -> int:
     state, _data, step = ckpts.restore(args.step, state)
     ckpts.close()
     data = args.data or cfg.data.eval_path
-    metrics = Evaluator(cfg, tok, read_records(data, cfg.train.eval_queries)).run(state.params)
+    records = read_records(data, cfg.train.eval_queries, cfg.data.skip_bad_lines)
+    metrics = Evaluator(cfg, tok, records).run(state.params)
     metrics["step"] = step
     text = json.dumps(metrics, indent=2)
     print(text)

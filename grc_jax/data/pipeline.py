@@ -13,6 +13,12 @@ block (a latent memory holds K/V, not the hidden state of the previous block's l
 Groups are packed whole into the rows of one batch, so every query meets its positive and hard
 negatives in the same batch. Packing is deterministic and its iterator state is small, so the
 data position is saved with every checkpoint.
+
+Bad data: a line that breaks the schema (`BadLineError`) or a record whose group cannot fit in one
+batch is found when the record is laid out, as grain reads it, and named by `file:line`. It stops
+the run (`DataError`), or with `data.skip_bad_lines` is skipped and counted (`RecordParser`); the
+decision depends on the record alone, so a resumed run skips the same records again. Data without
+a usable record stops at once rather than being read round and round.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from grc_jax.core.errors import ConfigError, DataError
 from grc_jax.core.roles import DOC, GEN, LATENT, QUERY
 from grc_jax.data.layout import Example, gen, latents, layout_example, text
 from grc_jax.data.schema import BadLineError, GRCRecord, parse_record
+from grc_jax.data.sources import no_usable_record
 from grc_jax.data.tokenizer import Tokenizer
 
 
@@ -115,6 +122,24 @@ def loss_targets(rows: Rows) -> dict[str, np.ndarray]:
     }
 
 
+def first_fit(
+    lengths: list[int], fill: list[int], used: list[int], seq_len: int, slots: int
+) -> list[tuple[int, int, int]] | None:
+    """(row, start, slot) for examples of `lengths` placed in turn into the first row with room
+    (updating `fill` and `used`, the tokens and examples of each row); None if one can't be."""
+    plan = []
+    for n in lengths:
+        row = next(
+            (r for r in range(len(fill)) if fill[r] + n <= seq_len and used[r] < slots), None
+        )
+        if row is None:
+            return None
+        plan.append((row, fill[row], used[row]))
+        fill[row] += n
+        used[row] += 1
+    return plan
+
+
 class BatchBuilder:
     """Places groups whole into `rows` rows of `seq_len` tokens, at most `slots` examples a row."""
 
@@ -135,24 +160,19 @@ class BatchBuilder:
         self.used = [0] * self.rows
         self.groups = 0
 
+    def fits_alone(self, group: Group) -> bool:
+        """Whether `group` fits into an empty batch (else it never can)."""
+        lengths = [len(ex["tokens"]) for ex in group.examples]
+        fill, used = [0] * self.rows, [0] * self.rows
+        return first_fit(lengths, fill, used, self.seq_len, self.slots) is not None
+
     def try_add(self, group: Group) -> bool:
         """Place every example of `group` (first fit); False, and nothing placed, if one can't."""
-        fill, used, plan = list(self.fill), list(self.used), []
-        for ex in group.examples:
-            n = len(ex["tokens"])
-            row = next(
-                (
-                    r
-                    for r in range(self.rows)
-                    if fill[r] + n <= self.seq_len and used[r] < self.slots
-                ),
-                None,
-            )
-            if row is None:
-                return False
-            plan.append((row, fill[row], used[row]))
-            fill[row] += n
-            used[row] += 1
+        fill, used = list(self.fill), list(self.used)
+        lengths = [len(ex["tokens"]) for ex in group.examples]
+        plan = first_fit(lengths, fill, used, self.seq_len, self.slots)
+        if plan is None:
+            return False
         gid = self.groups * self.stride + self.offset
         for i, (ex, (row, start, slot)) in enumerate(zip(group.examples, plan)):
             sl = slice(start, start + len(ex["tokens"]))
@@ -230,36 +250,106 @@ class _GRCBatchIterator(grain.DatasetIterator):
 
 
 class SkippedLine:
-    """Marks a bad line under `data.skip_bad_lines` (not None: grain drops None silently)."""
+    """Marks a record skipped under `data.skip_bad_lines` (not None: grain drops None silently):
+    a bad line, or a group too large for a batch. `reason` starts with `where` (`file:line`);
+    `index` is the record's position in the repeated data stream (None: unknown)."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, reason: str = "", index: int | None = None):
         self.where = where
+        self.reason = reason or f"{where}: bad line"
+        self.index = index
 
 
 class RecordParser:
     """record source item -> `GRCRecord`; a bad line raises, or with `skip_bad_lines` becomes a
-    `SkippedLine`. Parsing runs in grain's read-ahead threads, so skipped lines are counted by
-    `keep` in the consumer's thread: lines read ahead but never used are not counted.
+    `SkippedLine`. Parsing runs in grain's read-ahead threads, so skipped records are counted by
+    `skip` in the consumer's thread (`SkipCounter`): lines read ahead but never used are not.
+
+    `bad_lines` counts the records skipped, bad lines and groups too large for a batch, each once
+    (in its first epoch; later epochs skip it again uncounted; a resumed iterator continues the
+    count of its checkpoint). `first_skipped` holds the `file:line: reason` of the first `FIRST`
+    distinct records that this process skipped (after a resume, ones skipped again).
     """
+
+    FIRST = 5
 
     def __init__(self, skip_bad_lines: bool):
         self.skip_bad_lines = skip_bad_lines
         self.bad_lines = 0
+        self.first_skipped: list[str] = []
 
     def __call__(self, item: tuple[str, bytes]) -> GRCRecord | SkippedLine:
         where, line = item
         try:
             return parse_record(line, where)
-        except BadLineError:
+        except BadLineError as e:
             if not self.skip_bad_lines:
                 raise
-            return SkippedLine(where)
+            return SkippedLine(where, str(e))
 
-    def keep(self, index_and_record: tuple[int, GRCRecord | SkippedLine]) -> bool:
-        if isinstance(index_and_record[1], SkippedLine):
-            self.bad_lines += 1
-            return False
-        return True
+    def reject(self, index: int, where: str, reason: str) -> SkippedLine:
+        """A record that parsed but cannot be used: `DataError(f"{where}: {reason}")`, or with
+        `skip_bad_lines` a `SkippedLine`."""
+        if not self.skip_bad_lines:
+            raise DataError(f"{where}: {reason}")
+        return SkippedLine(where, f"{where}: {reason}", index)
+
+    def skip(self, skipped: SkippedLine, new: bool = True) -> None:
+        """Note `skipped`; count it if `new` (not skipped in an earlier epoch)."""
+        self.bad_lines += new
+        if len(self.first_skipped) < self.FIRST and skipped.reason not in self.first_skipped:
+            self.first_skipped.append(skipped.reason)
+
+
+class SkipCounter(grain.IterDataset):
+    """Drops the `SkippedLine`s of its parent, counting them in `parser`, and stops with
+    `DataError` once a whole pass over the data (`pass_len` records) has yielded no usable record,
+    where a filter would read the data round and round forever."""
+
+    def __init__(
+        self, parent: grain.IterDataset, parser: RecordParser, source: Any, pass_len: int,
+        part: str = "",
+    ):  # fmt: skip
+        super().__init__(parent)
+        self.parser, self.source, self.pass_len, self.part = parser, source, pass_len, part
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _SkipCounterIterator(self._parent.__iter__(), self)
+
+
+class _SkipCounterIterator(grain.DatasetIterator):
+    # State = the parent's state and the count of records skipped before it. From the start, the
+    # first `pass_len` records are one whole epoch; from a restored mid-epoch position, a usable
+    # record (once per epoch) is at most 2 * pass_len - 2 records away.
+
+    def __init__(self, parent: grain.DatasetIterator, ds: SkipCounter):
+        super().__init__(parent)
+        self.ds = ds
+        self._run = 0  # records skipped since the start (or restore) with none usable
+        self._limit: int | None = ds.pass_len  # None once a usable record has been seen
+
+    def __next__(self) -> Any:
+        while True:
+            item = next(self._parent)
+            if not isinstance(item, SkippedLine):
+                self._limit = None
+                return item
+            # Each epoch has every record once: one not in the first was skipped before.
+            self.ds.parser.skip(item, new=item.index is None or item.index < self.ds.pass_len)
+            self._run += 1
+            if self._limit is not None and self._run >= self._limit:
+                first = self.ds.parser.first_skipped or [item.reason]
+                raise no_usable_record(self.ds.source, first, self.ds.part, self.ds.pass_len)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "bad_lines": self.ds.parser.bad_lines}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if set(state) != {"parent", "bad_lines"}:  # a checkpoint from before the count was kept
+            state = {"parent": state, "bad_lines": 0}
+        self._parent.set_state(state["parent"])
+        self.ds.parser.bad_lines = state["bad_lines"]
+        self._run, self._limit = 0, 2 * self.ds.pass_len - 1
 
 
 def slots_per_row(cfg: Config) -> int:
@@ -283,20 +373,6 @@ def train_dataset(
     parser = RecordParser(cfg.data.skip_bad_lines)
     k, mode = cfg.grc.num_latents, cfg.grc.memory_mode
     drop = cfg.data.reasoning_dropout
-
-    def to_group(index_and_record):
-        index, record = index_and_record
-        # Deterministic per record and epoch position: the same data order gives the same groups.
-        keep = (zlib.crc32(f"{cfg.data.shuffle_seed}:{index}".encode()) % 10_000) >= drop * 10_000
-        return make_group(tok, record, k, mode, with_reasoning=keep)
-
-    ds = grain.MapDataset.source(source)
-    ds = ds[process_index::process_count]
-    # Shuffle, then repeat: grain reseeds the shuffle per epoch, so every epoch is a permutation
-    # of the records (shuffling after an infinite repeat would draw records with replacement).
-    ds = ds.shuffle(seed=cfg.data.shuffle_seed).repeat(num_epochs)
-    ds = ds.map(parser).map_with_index(lambda i, r: (i, r))
-    ds = ds.to_iter_dataset().filter(parser.keep).map(to_group)
     builder_args = dict(
         rows=cfg.data.batch_size // process_count,
         seq_len=cfg.data.seq_len,
@@ -304,4 +380,43 @@ def train_dataset(
         group_id_stride=process_count,
         group_id_offset=process_index,
     )
+    fit = BatchBuilder(**builder_args)
+
+    def to_group(index: int, item: tuple[str, bytes]) -> Group | SkippedLine:
+        record = parser(item)
+        if isinstance(record, SkippedLine):
+            record.index = index
+            return record
+        # Deterministic per record and epoch position: the same data order gives the same groups.
+        keep = (zlib.crc32(f"{cfg.data.shuffle_seed}:{index}".encode()) % 10_000) >= drop * 10_000
+        group = make_group(tok, record, k, mode, with_reasoning=keep)
+        if not fit.fits_alone(group):
+            lengths = [len(e["tokens"]) for e in group.examples]
+            return parser.reject(
+                index,
+                item[0],
+                f"the record's group of {len(lengths)} examples ({sum(lengths)} tokens, the "
+                f"longest {max(lengths)}) does not fit in one batch of {fit.rows} rows x "
+                f"{fit.seq_len} tokens (at most {fit.slots} examples a row); raise data.seq_len "
+                "or data.batch_size, shorten the record or its negatives, or set "
+                "data.skip_bad_lines=true to skip it",
+            )
+        return group
+
+    if len(source) == 0:
+        raise no_usable_record(source, [])
+    ds = grain.MapDataset.source(source)
+    ds = ds[process_index::process_count]
+    part = f" for process {process_index} of {process_count}" if process_count > 1 else ""
+    if len(ds) == 0:
+        raise DataError(
+            f"{getattr(source, 'name', 'the data')}: no record{part}: {len(source)} records "
+            f"shared among {process_count} processes"
+        )
+    pass_len = len(ds)
+    # Shuffle, then repeat: grain reseeds the shuffle per epoch, so every epoch is a permutation
+    # of the records (shuffling after an infinite repeat would draw records with replacement).
+    ds = ds.shuffle(seed=cfg.data.shuffle_seed).repeat(num_epochs)
+    ds = ds.map_with_index(to_group)  # in grain's read-ahead threads
+    ds = SkipCounter(ds.to_iter_dataset(), parser, source, pass_len, part)
     return GRCBatchDataset(ds, builder_args), parser

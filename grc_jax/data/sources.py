@@ -10,11 +10,12 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from grc_jax.core.errors import MissingPathError
-from grc_jax.data.schema import GRCRecord, parse_record
+from grc_jax.core.errors import DataError, MissingPathError
+from grc_jax.data.schema import BadLineError, GRCRecord, parse_record
 
 
 class JsonlSource:
@@ -24,6 +25,8 @@ class JsonlSource:
         if isinstance(paths, (str, Path)):
             paths = [paths]
         self.paths = [Path(p) for p in paths]
+        self.name = ", ".join(str(p) for p in self.paths)  # names the data in error messages
+        self.total_lines = 0  # blank ones included
         self._file: list[int] = []
         self._line: list[int] = []
         self._offset: list[int] = []
@@ -40,6 +43,7 @@ class JsonlSource:
                         self._offset.append(offset)
                         self._length.append(len(line))
                     offset += len(line)
+                    self.total_lines += 1
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -80,6 +84,7 @@ class ArrayRecordSource:
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
         self.paths = sorted(glob.glob(pattern))
+        self.name = pattern
         if not self.paths:
             raise MissingPathError(f"no ArrayRecord shards match {pattern!r}")
         self._source = ArrayRecordDataSource(self.paths)
@@ -122,8 +127,56 @@ def open_source(spec: str) -> JsonlSource | ArrayRecordSource:
     return JsonlSource(paths)
 
 
-def read_records(path: str | Path, limit: int | None = None) -> list[GRCRecord]:
-    """The first `limit` (default: all) records of a JSONL file, parsed strictly."""
-    src = JsonlSource(path)
-    n = len(src) if limit is None else min(limit, len(src))
-    return [parse_record(src[i][1], src[i][0]) for i in range(n)]
+def no_usable_record(
+    source: Any, skipped: Sequence[str], part: str = "", lines: int | None = None
+) -> DataError:
+    """The error for data without a single usable record: `<name>: no usable record (...)`, saying
+    what was found (an empty file, only blank lines, or `lines` (default: all the source's) lines
+    all skipped, with the first). `part` names a share of the data, e.g. one process's."""
+    name = getattr(source, "name", type(source).__name__)
+    n = len(source) if lines is None else lines
+    if n == 0:
+        total = getattr(source, "total_lines", 0)
+        found = f"{total} lines, all blank" if total else "empty"
+    elif skipped:
+        found = f"{n} lines, all skipped as bad; first: {skipped[0]}"
+    else:
+        found = f"{n} lines"
+    return DataError(f"{name}: no usable record{part} ({found})")
+
+
+def scan_records(
+    data: str | Path | Any, skip_bad_lines: bool = False, limit: int | None = None
+) -> tuple[list[GRCRecord], list[str]]:
+    """The records of `data` (a `data.*_path` spec, see `open_source`, or an opened source) in
+    file order, the first `limit` usable ones (default: all), and the `file:line: reason` of each
+    line skipped as bad.
+
+    The skip policy of the training pipeline (`data.skip_bad_lines`): a bad line raises
+    `BadLineError`, or with `skip_bad_lines` is skipped and listed. Data without a usable record
+    (empty, only blank lines, every line bad) raises `DataError` naming it and what was found.
+    """
+    source = open_source(str(data)) if isinstance(data, (str, Path)) else data
+    records: list[GRCRecord] = []
+    skipped: list[str] = []
+    for index in range(len(source)):
+        if limit is not None and len(records) >= limit:
+            break
+        where, line = source[index]
+        try:
+            records.append(parse_record(line, where))
+        except BadLineError as e:
+            if not skip_bad_lines:
+                raise
+            skipped.append(str(e))
+    if not records and limit != 0:
+        raise no_usable_record(source, skipped)
+    return records, skipped
+
+
+def read_records(
+    path: str | Path, limit: int | None = None, skip_bad_lines: bool = False
+) -> list[GRCRecord]:
+    """The first `limit` (default: all) records of `path`, parsed strictly unless
+    `skip_bad_lines`; see `scan_records`."""
+    return scan_records(path, skip_bad_lines, limit)[0]

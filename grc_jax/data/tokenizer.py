@@ -8,17 +8,28 @@ A sentencepiece model trained here reserves them as pad=0, unk=1, bos=2, eos=3.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from grc_jax.core.errors import MissingPathError, ModelLoadError
+from grc_jax.core.errors import DataError, MissingPathError, ModelLoadError, UsageError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
 class TokenizerError(ModelLoadError):
     """A tokenizer file or directory is not a usable tokenizer (unreadable, or no BOS/EOS)."""
+
+
+class VocabTooSmallError(UsageError):
+    """A requested sentencepiece vocabulary cannot hold the reserved pieces and every character of
+    the data: `vocab_size=<requested> is too small: <why>`; `needed` is the smallest size that can
+    (None when unknown)."""
+
+    def __init__(self, requested: int, needed: int | None, why: str):
+        super().__init__(f"vocab_size={requested} is too small: {why}")
+        self.requested, self.needed, self.why = requested, needed, why
 
 
 @runtime_checkable
@@ -130,27 +141,55 @@ def train_sentencepiece(
     """Train a BPE sentencepiece model on `texts` -> `<out_prefix>.model` (deterministic).
 
     Digits are split one per piece so that arithmetic is learnable; pad/unk/bos/eos take ids 0-3.
+    Data too small for `vocab_size` gives a smaller vocabulary. No text at all raises `DataError`;
+    a `vocab_size` below the reserved pieces plus the data's characters `VocabTooSmallError`.
     """
     import sentencepiece as spm
 
+    reserved = 4  # pad, unk, bos, eos
+    if vocab_size <= reserved:
+        raise VocabTooSmallError(
+            vocab_size,
+            None,
+            f"{reserved} pieces are reserved (pad, unk, bos, eos) and every character of the "
+            "data needs one more",
+        )
+    lines = [t.replace("\n", " ") for t in texts]
+    if not any(t.strip() for t in lines):
+        raise DataError("no text to train a tokenizer on (every text is empty)")
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     corpus = Path(f"{out_prefix}.corpus.txt")  # not with_suffix: a prefix may contain dots
-    corpus.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(out_prefix),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        split_digits=True,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        num_threads=1,
-        minloglevel=2,
-        hard_vocab_limit=False,
-    )
-    corpus.unlink()
+    corpus.write_text("\n".join(lines) + "\n")
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(out_prefix),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            character_coverage=1.0,
+            split_digits=True,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            num_threads=1,
+            minloglevel=2,
+            hard_vocab_limit=False,
+        )
+    except RuntimeError as e:
+        # "Vocabulary size is smaller than required_chars. 5 vs 22.": the data has more distinct
+        # characters (plus the reserved pieces) than the vocabulary can hold.
+        m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if m is None:
+            raise
+        needed = int(m.group(2))
+        raise VocabTooSmallError(
+            vocab_size,
+            needed,
+            f"the data's {needed - reserved} distinct characters and the {reserved} reserved "
+            f"pieces need at least {needed}",
+        ) from None
+    finally:
+        corpus.unlink()
     return SentencePieceTokenizer(f"{out_prefix}.model")

@@ -10,7 +10,7 @@ The standard hooks (`default_hooks`), in the order they run at a step:
 * `CheckFinite`: raises `NonFiniteLossError` on a non-finite loss or parameter update, before
   anything is logged or saved;
 * `LogMetrics`: TensorBoard scalars, a `metrics.jsonl` row and the progress bar's postfix, with
-  tokens/s, step time and MFU since the previous row;
+  tokens/s, step time and MFU since the previous row and the count of bad records skipped;
 * `SaveCheckpoint`: model, optimizer and data position; on a preemption notice it saves, then
   stops the loop;
 * hooks supplied by the caller (e.g. the periodic export of `grc_jax.convert.export.export_hooks`);
@@ -160,13 +160,16 @@ class Logger:
 
 class LogMetrics(Hook):
     """The step's metrics, with `tokens_per_s`, `step_time_s` and `mfu` averaged over the steps
-    since the previous row, to TensorBoard (`run.logger`), `<run>/metrics.jsonl` and the progress
-    bar (`run.bar`)."""
+    since the previous row, and `data/bad_lines_skipped` (`run.parser`: records skipped under
+    `data.skip_bad_lines`), to TensorBoard (`run.logger`), `<run>/metrics.jsonl` and the progress
+    bar (`run.bar`). The `file:line: reason` of the first few records skipped
+    (`run.parser.first_skipped`) are printed, each once, at the first row that knows them."""
 
     needs_metrics = True
 
     def start(self, run: Run) -> None:
         self._time, self._tokens, self._step = time.perf_counter(), 0, run.start
+        self._told = 0  # how many of `run.parser.first_skipped` have been printed
 
     def __call__(self, run: Run, tick: Tick) -> None:
         now = time.perf_counter()
@@ -175,15 +178,25 @@ class LogMetrics(Hook):
         m["tokens_per_s"] = (tick.tokens - self._tokens) / (now - self._time)
         m["step_time_s"] = dt
         m["mfu"] = run.flops_per_step / dt / run.peak_flops
+        skipped = m["data/bad_lines_skipped"] = run.parser.bad_lines
         self._time, self._tokens, self._step = now, tick.tokens, tick.step
         run.logger.scalars(tick.step, m)
         if _is_main():
             with (Path(run.directory) / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": tick.step, **m}) + "\n")
-        run.bar.set_postfix(
+            first = run.parser.first_skipped
+            for reason in first[self._told :]:
+                run.bar.write(f"skipped (data.skip_bad_lines): {reason}")
+            if len(first) == run.parser.FIRST > self._told:
+                run.bar.write("further skipped records are counted only (data/bad_lines_skipped)")
+            self._told = len(first)
+        postfix = dict(
             gen=f"{m['loss/gen']:.3f}", rep=f"{m['loss/rep']:.3f}",
             comp=f"{m['loss/comp']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
         )  # fmt: skip
+        if skipped:
+            postfix["skipped"] = str(skipped)
+        run.bar.set_postfix(**postfix)
 
 
 class SaveCheckpoint(Hook):

@@ -29,8 +29,13 @@ from grc_jax.core.config import Config, save_config
 from grc_jax.core.errors import CheckpointError, ConfigError
 from grc_jax.core.sharding import make_mesh
 from grc_jax.data.pipeline import train_dataset
-from grc_jax.data.sources import open_source, read_records
-from grc_jax.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from grc_jax.data.sources import open_source, read_records, scan_records
+from grc_jax.data.tokenizer import (
+    Tokenizer,
+    VocabTooSmallError,
+    load_tokenizer,
+    train_sentencepiece,
+)
 from grc_jax.train.evaluate import Evaluator
 from grc_jax.train.flops import measure_matmul_flops, train_flops_per_step
 from grc_jax.train.hooks import Hook, Logger, Tick, default_hooks, record_eval
@@ -39,22 +44,30 @@ from grc_jax.train.step import batch_shardings, make_train_step
 
 
 def prepare_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
-    """The run's tokenizer: `data.tokenizer`, the imported model's, or one trained on the data."""
-    if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
-    if cfg.train.init_from:
-        return load_tokenizer(cfg.train.init_from)
+    """The run's tokenizer: `data.tokenizer`, the imported model's, or one trained on the data
+    (its records read with `data.skip_bad_lines`; data without a usable record is a `DataError`).
+    A tokenizer larger than `model.vocab_size` is a `ConfigError`."""
     model = directory / "tokenizer.model"
-    if not model.exists():
+    if cfg.data.tokenizer or cfg.train.init_from:
+        tok = load_tokenizer(cfg.data.tokenizer or cfg.train.init_from)
+    elif not model.exists():
         texts = []
-        for r in read_records(cfg.data.train_path):
+        for r in scan_records(cfg.data.train_path, cfg.data.skip_bad_lines)[0]:
             texts += [r.query, r.reasoning, f"answer : {r.answer}", r.positive, *r.negatives]
-        tok = train_sentencepiece(texts, directory / "tokenizer", cfg.model.vocab_size)
+        try:
+            tok = train_sentencepiece(texts, directory / "tokenizer", cfg.model.vocab_size)
+        except VocabTooSmallError as e:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is too small for a tokenizer of "
+                f"{cfg.data.train_path}: {e.why}"
+            ) from None
     else:
         tok = load_tokenizer(model)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
-            f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tok.vocab_size} tokens ({getattr(tok, 'path', model)}); set model.vocab_size to "
+            f"at least {tok.vocab_size}"
         )
     return tok
 
@@ -172,7 +185,8 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
     # Only process 0 evaluates (parameters gathered to it), so only it reads data.eval_path.
     evaluator = None
     if is_main:
-        evaluator = Evaluator(cfg, tok, read_records(cfg.data.eval_path, cfg.train.eval_queries))
+        records = read_records(cfg.data.eval_path, cfg.train.eval_queries, cfg.data.skip_bad_lines)
+        evaluator = Evaluator(cfg, tok, records)
     (directory / "eval").mkdir(exist_ok=True)
 
     first = next(data_iter)

@@ -1,5 +1,6 @@
 """The training pipeline: example structure, loss targets, whole-group packing, and the grain
-dataset (shapes, positives in-batch, resumable state, per-process shards, bad lines, big groups)."""
+dataset (shapes, positives in-batch, resumable state, per-process shards, bad lines, big groups,
+skipped records counted once and again after a resume, data without a usable record)."""
 
 import dataclasses
 import json
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from grc_jax.core.batch import ROW_FIELDS, Batch, Rows
+from grc_jax.core.errors import DataError
 from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
 from grc_jax.data.layout import gen, latents, layout_example, text
 from grc_jax.data.pipeline import (
@@ -451,6 +453,24 @@ def test_skip_bad_lines_counts_them(sp_tok, bad_jsonl, unique_records):
     assert queries and set(queries) <= {r["query"] for r in unique_records[:30]}
 
 
+def test_skipped_lines_are_counted_once_and_listed(sp_tok, bad_jsonl, unique_records):
+    ds, parser = train_dataset(
+        tiny_config("data.skip_bad_lines=true"), sp_tok, JsonlSource(bad_jsonl)
+    )
+    it = iter(ds)
+    seen: list[str] = []
+    while len(seen) < 3 * 30:  # three epochs: the same two lines are skipped in each
+        seen += _query_texts(next(it), sp_tok)
+    assert parser.bad_lines == 2
+    assert sorted(parser.first_skipped) == [
+        f"{bad_jsonl}:21: not valid JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))",
+        f"{bad_jsonl}:8: unknown field(s) ['typo_field']; expected fields: ['query', "
+        "'positive', 'reasoning', 'answer', 'negatives', 'compress_target']",
+    ]
+    assert it.get_state()["parent"]["bad_lines"] == 2  # checkpointed with the data position
+
+
 def test_bad_line_error_names_file_and_line(sp_tok, bad_jsonl):
     ds, _ = train_dataset(tiny_config(), sp_tok, JsonlSource(bad_jsonl), num_epochs=1)
     with pytest.raises(BadLineError, match=rf"^{bad_jsonl}:(8|21): "):
@@ -478,3 +498,95 @@ def test_finite_epochs_keep_the_last_partial_batch(tmp_path, sp_tok):
     batches = list(ds)
     assert len(batches) == 1
     assert int((batches[0].seg_kind == 1).sum()) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Data without a usable record stops at once; records too large for a batch are named and skipped
+
+
+def test_all_bad_lines_stop_after_one_pass_instead_of_spinning(sp_tok, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("{nope\n" * 7 + '{"query": "q"}\n')
+    cfg = tiny_config("data.skip_bad_lines=true")
+    ds, parser = train_dataset(cfg, sp_tok, JsonlSource(path))  # repeats forever
+    with pytest.raises(DataError) as e:
+        next(iter(ds))
+    assert str(e.value).startswith(
+        f"{path}: no usable record (8 lines, all skipped as bad; first: {path}:"
+    )
+    assert parser.bad_lines == 8  # one pass
+    # Restored mid-epoch (a checkpoint's position): still stopped, within two passes.
+    ds, parser = train_dataset(cfg, sp_tok, JsonlSource(path))
+    it = iter(ds)
+    it.set_state({"parent": {"parent": {"next_index": 3}, "bad_lines": 3}})
+    with pytest.raises(DataError, match=r"no usable record \(8 lines, all skipped as bad"):
+        next(it)
+    assert parser.bad_lines == 8
+
+
+def test_empty_data_is_refused_before_iterating(sp_tok, tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=rf"^{path}: no usable record \(2 lines, all blank\)$"):
+        train_dataset(tiny_config(), sp_tok, JsonlSource(path))
+    one = write_jsonl(tmp_path / "one.jsonl", [{"query": "q", "positive": "p"}])
+    with pytest.raises(DataError, match=r"no record for process 1 of 2: 1 records shared"):
+        train_dataset(tiny_config(), sp_tok, JsonlSource(one), process_index=1, process_count=2)
+
+
+@pytest.fixture
+def big_jsonl(unique_records, tmp_path):
+    """24 records; line 5's positive is too long for a 256-token row."""
+    records = [dict(r) for r in unique_records[:24]]
+    records[4]["positive"] = " ".join(["velora is a city ."] * 80)
+    return write_jsonl(tmp_path / "big.jsonl", records), records
+
+
+def test_oversized_record_is_named_by_file_and_line(sp_tok, big_jsonl):
+    path, _ = big_jsonl
+    ds, _ = train_dataset(tiny_config(), sp_tok, JsonlSource(path), num_epochs=1)
+    with pytest.raises(DataError) as e:
+        for _ in ds:
+            pass
+    assert not isinstance(e.value, BadLineError)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:5: the record's group of 4 examples (")
+    assert "does not fit in one batch of 4 rows x 256 tokens (at most" in msg
+    assert "data.skip_bad_lines=true" in msg
+
+
+def test_oversized_record_is_skipped_and_again_after_a_restore(sp_tok, big_jsonl):
+    path, records = big_jsonl
+    cfg = tiny_config("data.skip_bad_lines=true")
+    ds, parser = train_dataset(cfg, sp_tok, JsonlSource(path))
+    it = iter(ds)
+    seen: list[str] = []
+    while len(seen) < 12:
+        seen += _query_texts(next(it), sp_tok)
+    state = json.loads(json.dumps(it.get_state()))
+    count = parser.bad_lines
+    expected = _batches(it, 8)  # past the end of the first epoch
+    assert parser.bad_lines == 1
+    assert parser.first_skipped[0].startswith(f"{path}:5: the record's group of 4 examples")
+    queries = [q for b in expected for q in _query_texts(b, sp_tok)]
+    assert records[4]["query"] not in queries + seen
+    # A resumed iterator skips the same record again and continues the saved count.
+    ds2, parser2 = train_dataset(cfg, sp_tok, JsonlSource(path))
+    it2 = iter(ds2)
+    it2.set_state(state)
+    assert parser2.bad_lines == count
+    _assert_batches_equal(_batches(it2, 8), expected)
+    assert parser2.bad_lines == 1
+
+
+def test_a_checkpoint_without_the_count_still_restores(sp_tok, synth_dir):
+    cfg = tiny_config()
+    ds, _ = train_dataset(cfg, sp_tok, JsonlSource(synth_dir / "train.jsonl"))
+    it = iter(ds)
+    _batches(it, 2)
+    state = it.get_state()
+    expected = _batches(it, 2)
+    old = {"parent": state["parent"]["parent"]}  # as saved before the count was kept
+    it2 = iter(train_dataset(cfg, sp_tok, JsonlSource(synth_dir / "train.jsonl"))[0])
+    it2.set_state(old)
+    _assert_batches_equal(_batches(it2, 2), expected)

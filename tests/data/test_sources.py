@@ -1,4 +1,5 @@
-"""Record sources: JSONL line index with `path:line` labels, thread safety, ArrayRecord shards."""
+"""Record sources: JSONL line index with `path:line` labels, thread safety, ArrayRecord shards;
+reading records with the skip policy and refusing data without a usable record."""
 
 import pickle
 import random
@@ -6,8 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from grc_jax.data.schema import parse_record
-from grc_jax.data.sources import ArrayRecordSource, JsonlSource, open_source, prepare_array_record
+from grc_jax.core.errors import DataError
+from grc_jax.data.schema import BadLineError, parse_record
+from grc_jax.data.sources import (
+    ArrayRecordSource,
+    JsonlSource,
+    open_source,
+    prepare_array_record,
+    read_records,
+    scan_records,
+)
 
 
 @pytest.fixture
@@ -118,3 +127,62 @@ def test_open_source_dispatch(tmp_path, two_files):
     ar = open_source(str(tmp_path / "ar" / "*.arrayrecord"))
     assert isinstance(ar, ArrayRecordSource)
     assert [ar[i][1] for i in range(len(ar))] == [raw.rstrip(b"\n") for _, raw in expected[:3]]
+
+
+# ------------------------------------------------------------------ reading with the skip policy
+
+GOOD = '{"query": "q%d", "positive": "p%d"}'
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Lines: good, bad JSON (2), blank (3), good, unknown field (5), good."""
+    path = tmp_path / "mixed.jsonl"
+    lines = [GOOD % (1, 1), "{nope", "", GOOD % (4, 4), '{"query": "q", "positive": "p", "x": 1}',
+             GOOD % (6, 6)]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_scan_records_strict_names_the_first_bad_line(mixed):
+    with pytest.raises(BadLineError, match=rf"^{mixed}:2: not valid JSON"):
+        scan_records(mixed)
+    with pytest.raises(BadLineError, match=rf"^{mixed}:2: "):
+        read_records(mixed)
+    assert [r.query for r in read_records(mixed, limit=1)] == ["q1"]  # stops before line 2
+
+
+def test_scan_records_skips_and_lists_bad_lines(mixed):
+    records, skipped = scan_records(mixed, skip_bad_lines=True)
+    assert [r.query for r in records] == ["q1", "q4", "q6"]
+    assert len(skipped) == 2
+    assert skipped[0].startswith(f"{mixed}:2: not valid JSON")
+    assert skipped[1].startswith(f"{mixed}:5: unknown field(s) ['x']")
+    # `limit` counts usable records; the spec may be a glob or an opened source.
+    assert [r.query for r in read_records(mixed, 2, skip_bad_lines=True)] == ["q1", "q4"]
+    assert scan_records(str(mixed.parent / "mix*.jsonl"), True)[0] == records
+    assert scan_records(JsonlSource(mixed), True) == (records, skipped)
+
+
+def test_data_without_a_usable_record_names_what_was_found(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{nope\n" * 4 + '{"query": ""}\n')
+    with pytest.raises(DataError, match=rf"^{empty}: no usable record \(empty\)$"):
+        scan_records(empty, skip_bad_lines=True)
+    with pytest.raises(DataError, match=rf"^{blank}: no usable record \(3 lines, all blank\)$"):
+        read_records(blank)
+    with pytest.raises(DataError) as e:
+        scan_records(bad, skip_bad_lines=True)
+    assert str(e.value).startswith(
+        f"{bad}: no usable record (5 lines, all skipped as bad; first: {bad}:1: not valid JSON"
+    )
+    assert not isinstance(e.value, BadLineError)
+    with pytest.raises(BadLineError, match=rf"^{bad}:1: "):  # strict: the first bad line
+        scan_records(bad)
+    # Several files are named together.
+    with pytest.raises(DataError, match=rf"^{empty}, {blank}: no usable record \(3 lines, all"):
+        scan_records(f"{empty},{blank}")

@@ -1,5 +1,6 @@
 """Tokenizers: the trained sentencepiece model (reserved ids, digit splitting, round trip,
-determinism), `load_tokenizer` dispatch and errors, `HFTokenizer` specials, the CLI."""
+determinism, too little data or vocabulary), `load_tokenizer` dispatch and errors, `HFTokenizer`
+specials, the CLI."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from grc_jax.cli import main
+from grc_jax.core.errors import DataError, UsageError
 from grc_jax.data.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -14,6 +16,7 @@ from grc_jax.data.tokenizer import (
     UNK_ID,
     HFTokenizer,
     SentencePieceTokenizer,
+    VocabTooSmallError,
     load_tokenizer,
     train_sentencepiece,
 )
@@ -88,6 +91,27 @@ def test_training_with_dotted_prefix(tmp_path, train_records):
     assert sorted(p.name for p in prefix.parent.iterdir()) == ["sp.v2.model", "sp.v2.vocab"]
 
 
+def test_small_data_small_vocab_and_no_data(tmp_path):
+    # Less data than the vocabulary wants: a smaller vocabulary (hard_vocab_limit is off).
+    tok = train_sentencepiece(["the cat sat", "a dog ran"], tmp_path / "small", vocab_size=1024)
+    assert 4 < tok.vocab_size < 64
+    # Fewer pieces than the data's characters: named, with the size it needs (4 reserved +
+    # 10 characters a b c d e f g h i j + the word boundary).
+    with pytest.raises(VocabTooSmallError) as e:
+        train_sentencepiece(["abcde fghij"], tmp_path / "v8", vocab_size=8)
+    assert isinstance(e.value, UsageError)
+    assert (e.value.requested, e.value.needed) == (8, 15)
+    assert str(e.value) == (
+        "vocab_size=8 is too small: the data's 11 distinct characters and the 4 reserved pieces "
+        "need at least 15"
+    )
+    with pytest.raises(VocabTooSmallError, match=r"^vocab_size=4 is too small: 4 pieces are"):
+        train_sentencepiece(["abc"], tmp_path / "v4", vocab_size=4)
+    with pytest.raises(DataError, match="no text to train a tokenizer on"):
+        train_sentencepiece(["", "  "], tmp_path / "none")
+    assert not list(tmp_path.glob("*.corpus.txt"))  # removed after a failure too
+
+
 def test_load_tokenizer_dispatch_and_errors(tmp_path, sp_tok):
     missing = tmp_path / "nowhere" / "sp.model"
     with pytest.raises(FileNotFoundError, match=str(missing)):
@@ -158,3 +182,7 @@ def test_cli_tokenizer_train(tmp_path, synth_dir, capsys):
     bad.write_text('{"query": "q", "positive": "p"}\n{"query": ""}\n')
     assert main(["tokenizer", "train", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert f"{bad}:2:" in capsys.readouterr().err
+    assert main(["tokenizer", "train", str(synth_dir / "train.jsonl"), "--out",
+                 str(tmp_path / "y"), "--vocab-size", "10"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("grc tokenizer: error: vocab_size=10 is too small")

@@ -16,6 +16,7 @@ from grc_jax.checkpoints import RunCheckpoints
 from grc_jax.convert.export import export_hooks
 from grc_jax.core.config import Config, GRCConfig, ModelConfig, TrainConfig, load_config
 from grc_jax.core.errors import ExportError, NonFiniteLossError
+from grc_jax.data.pipeline import RecordParser, SkippedLine
 from grc_jax.data.synth import synthesize
 from grc_jax.model.params import init_grc_params
 from grc_jax.train import loop
@@ -185,8 +186,9 @@ def test_log_hook_writes_metrics_rows_and_tensorboard(tmp_path):
     logger = Logger(tmp_path / "tb", True)
     bar = tqdm(total=7, disable=True)
     run = SimpleNamespace(
-        directory=tmp_path, logger=logger, bar=bar, start=0, flops_per_step=1e6, peak_flops=1e9
-    )
+        directory=tmp_path, logger=logger, bar=bar, start=0, flops_per_step=1e6, peak_flops=1e9,
+        parser=RecordParser(False),
+    )  # fmt: skip
     log = default_hooks(CFG)[1]
 
     def metrics(step):
@@ -196,10 +198,14 @@ def test_log_hook_writes_metrics_rows_and_tensorboard(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 5, 6, 7]
     for r in rows:
-        assert list(r) == ["step", *METRICS, "tokens_per_s", "step_time_s", "mfu"]
+        assert list(r) == [
+            "step", *METRICS, "tokens_per_s", "step_time_s", "mfu", "data/bad_lines_skipped"
+        ]  # fmt: skip
+        assert r["data/bad_lines_skipped"] == 0
         assert r["loss/total"] == pytest.approx(3.0 - r["step"] / 10)
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["mfu"] > 0
     assert bar.postfix is not None and "gen=1.250" in bar.postfix
+    assert "skipped" not in bar.postfix  # shown once a record is skipped
     assert logger.writer is not None  # the hook leaves the logger open: `train` closes it
     logger.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
@@ -210,7 +216,7 @@ def test_log_hook_rates_cover_the_steps_since_the_previous_row(tmp_path, monkeyp
     monkeypatch.setattr("grc_jax.train.hooks.time.perf_counter", lambda: next(clock))
     run = SimpleNamespace(
         directory=tmp_path, logger=Logger(tmp_path, False), bar=tqdm(disable=True), start=2,
-        flops_per_step=2e6, peak_flops=1e6,
+        flops_per_step=2e6, peak_flops=1e6, parser=RecordParser(False),
     )  # fmt: skip
     log = LogMetrics(Schedule(every=(4, 5)))
     log.start(run)
@@ -220,6 +226,47 @@ def test_log_hook_rates_cover_the_steps_since_the_previous_row(tmp_path, monkeyp
     assert [(r["tokens_per_s"], r["step_time_s"], r["mfu"]) for r in rows] == [
         (200.0, 2.0, 1.0),
         (200.0, 1.0, 2.0),
+    ]
+
+
+class RecordingLogger(Logger):
+    """TensorBoard scalars kept in memory: {tag: [(step, value), ...]}."""
+
+    def __init__(self):
+        super().__init__(Path(), False)
+        self.logged: dict[str, list] = {}
+
+    def scalars(self, step, values):
+        for k, v in values.items():
+            self.logged.setdefault(k, []).append((step, v))
+
+
+def test_log_hook_shows_skipped_records_and_prints_the_first_once(tmp_path, capsys):
+    parser = RecordParser(True)
+    run = SimpleNamespace(
+        directory=tmp_path, logger=RecordingLogger(), bar=tqdm(total=4, disable=True), start=0,
+        flops_per_step=1e6, peak_flops=1e9, parser=parser,
+    )  # fmt: skip
+    # (file:line, first time met) of the records the data iterator skips before each step.
+    skips = {2: [("a:3", True)], 3: [("a:9", True), ("a:3", False)],
+             4: [(f"b:{i}", True) for i in range(9)]}  # fmt: skip
+
+    def train_step(step):
+        for where, new in skips.get(step, []):
+            parser.skip(SkippedLine(where, f"{where}: not valid JSON"), new=new)
+
+    capsys.readouterr()
+    drive(run, [LogMetrics(Schedule(every=1))], 4, train_step=train_step)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data/bad_lines_skipped"] for r in rows] == [0, 1, 2, 11]
+    assert run.logger.logged["data/bad_lines_skipped"] == [(1, 0), (2, 1), (3, 2), (4, 11)]
+    assert "skipped=11" in run.bar.postfix
+    # The first five, each printed once when first met; then a line saying the rest are counted.
+    assert capsys.readouterr().out.splitlines() == [
+        "skipped (data.skip_bad_lines): a:3: not valid JSON",
+        "skipped (data.skip_bad_lines): a:9: not valid JSON",
+        *[f"skipped (data.skip_bad_lines): b:{i}: not valid JSON" for i in range(3)],
+        "further skipped records are counted only (data/bad_lines_skipped)",
     ]
 
 

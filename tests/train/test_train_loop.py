@@ -1,4 +1,6 @@
-"""The training loop end to end: bit-identical resume, non-finite stop, checkpoint errors."""
+"""The training loop end to end: bit-identical resume, non-finite stop, checkpoint errors, and
+bad data: skipped lines counted (metrics.jsonl, summary) on a fresh run and after a resume, data
+without a usable record, records too large for a batch, a vocabulary too small."""
 
 import json
 import os
@@ -11,10 +13,12 @@ import numpy as np
 import pytest
 
 from grc_jax.checkpoints import RunCheckpoints
+from grc_jax.cli import main
 from grc_jax.core.config import load_config
-from grc_jax.core.errors import CheckpointError, NonFiniteLossError
+from grc_jax.core.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from grc_jax.data.synth import synthesize
 from grc_jax.train.loop import train
+from tests.helpers import TINY_MODEL, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -128,3 +132,114 @@ def test_missing_and_corrupted_checkpoints_are_errors(data_dir, tmp_path):
     # `grc eval` on a run without checkpoints names the problem.
     result = _grc("eval", str(tmp_path / "nope"), cwd=ROOT)
     assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+# ------------------------------------------------------------------------------- bad data
+
+TINY = [
+    *TINY_MODEL, "train.warmup_steps=1", "train.steps=4", "train.log_every=1",
+    "train.checkpoint_every=2", "train.eval_every=1000",
+]  # fmt: skip
+BAD_JSON = "{not json"
+
+
+def _tiny_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "train", "--config", str(ROOT / "configs/tiny.yaml"), *TINY,
+        f"data.train_path={data}", f"data.eval_path={data}", f"train.output_dir={out}",
+        f"train.run_name={name}", *extra,
+    ]  # fmt: skip
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _good_lines(data_dir: Path, n: int) -> list[str]:
+    return (data_dir / "train.jsonl").read_text().splitlines()[:n]
+
+
+def _one_line_error(capsys, args) -> str:
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("grc train: error: ")
+    return err[0].removeprefix("grc train: error: ")
+
+
+def test_skipped_lines_on_a_fresh_run_are_counted_and_skipped_again_on_resume(
+    data_dir, tmp_path, capsys
+):
+    lines = _good_lines(data_dir, 6)
+    big = json.loads(lines[0])
+    big["positive"] = " ".join([big["positive"]] * 40)  # its group cannot fit 8 rows x 128
+    lines.insert(2, BAD_JSON)  # line 3
+    lines.insert(4, json.dumps(big))  # line 5
+    path = _write_lines(tmp_path / "train.jsonl", lines)
+    args = _tiny_args(path, tmp_path, "skip", "data.skip_bad_lines=true")
+    capsys.readouterr()
+    # A fresh run: the tokenizer is trained on the good records only.
+    assert main([*args, "--stop-after", "2"]) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0  # the resume meets both records again and skips them
+    second = capsys.readouterr().out
+    assert "resumed" in second
+    for reason in (f"{path}:3: not valid JSON", f"{path}:5: the record's group of 4 examples"):
+        assert f"skipped (data.skip_bad_lines): {reason}" in first
+    assert f"skipped 2 bad record(s) of {path} (data.skip_bad_lines=true" in second
+    rows = [json.loads(line) for line in (tmp_path / "skip/metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["data/bad_lines_skipped"] == 2  # each record once, however many epochs
+    counts = [r["data/bad_lines_skipped"] for r in rows]
+    assert counts == sorted(counts) and counts[0] >= 1
+
+
+def test_data_without_a_usable_record_stops_before_training(data_dir, tmp_path, capsys):
+    bad = _write_lines(tmp_path / "bad.jsonl", [BAD_JSON] * 5)
+    blank = _write_lines(tmp_path / "blank.jsonl", ["", " ", ""])
+    all_bad = f"{bad}: no usable record (5 lines, all skipped as bad; first: {bad}:"
+    # Tokenizer training reads the data first (in file order) ...
+    err = _one_line_error(capsys, _tiny_args(bad, tmp_path, "a", "data.skip_bad_lines=true"))
+    assert err.startswith(f"{all_bad}1: not valid JSON")
+    assert _one_line_error(capsys, _tiny_args(blank, tmp_path, "b")) == (
+        f"{blank}: no usable record (3 lines, all blank)"
+    )
+    assert not (tmp_path / "a/tokenizer.model").exists()
+    # ... with a given tokenizer the pipeline stops after one pass instead of spinning.
+    tok = word_tokenizer(tmp_path / "tok", ["a", "b"]).path.parent
+    err = _one_line_error(capsys, _tiny_args(
+        bad, tmp_path, "c", "data.skip_bad_lines=true", f"data.tokenizer={tok}"
+    ))  # fmt: skip
+    assert err.startswith(all_bad) and "not valid JSON" in err  # the first met (shuffled)
+    assert not list((tmp_path / "c").glob("checkpoints/*"))
+
+
+def test_oversized_record_without_skipping_names_its_line(data_dir, tmp_path):
+    lines = _good_lines(data_dir, 6)
+    big = json.loads(lines[3])
+    big["negatives"] = [" ".join([n] * 30) for n in big["negatives"]]
+    lines[3] = json.dumps(big)
+    path = _write_lines(tmp_path / "train.jsonl", lines)
+    cfg = load_config(ROOT / "configs/tiny.yaml", _tiny_args(path, tmp_path, "big")[3:])
+    with pytest.raises(DataError) as e:
+        train(cfg, quiet=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:4: the record's group of 4 examples (")
+    assert "does not fit in one batch of 8 rows x 128 tokens" in msg
+
+
+def test_vocab_size_too_small_for_the_tokenizer_is_named(data_dir, tmp_path, capsys):
+    path = _write_lines(tmp_path / "train.jsonl", _good_lines(data_dir, 6))
+    err = _one_line_error(capsys, _tiny_args(path, tmp_path, "v", "model.vocab_size=12"))
+    assert err.startswith(f"model.vocab_size=12 is too small for a tokenizer of {path}: the data")
+    assert "reserved pieces need at least" in err
+    # A given tokenizer larger than the model's vocabulary.
+    tok = word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(40)])
+    cfg = load_config(ROOT / "configs/tiny.yaml", _tiny_args(
+        path, tmp_path, "w", f"data.tokenizer={tok.path.parent}", "model.vocab_size=32"
+    )[3:])  # fmt: skip
+    want = r"^model.vocab_size=32 is smaller than the tokenizer's 44 tokens \(.*tokenizer.json\)"
+    with pytest.raises(ConfigError, match=want):
+        train(cfg, quiet=True)
