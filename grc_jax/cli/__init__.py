@@ -91,6 +91,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, except that a command's `section.key=value` overrides may also
+    follow its options (`grc train --config X --stop-after 5 train.steps=10`): argparse fills a
+    `nargs="*"` positional once, so later positional words come back unparsed; they are appended
+    to `overrides` in order. An unknown option is still argparse's error (exit 2)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = getattr(args, "overrides", None)
+    if extra and isinstance(overrides, list) and not any(a.startswith("-") for a in extra):
+        args.overrides = [*overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `grc ARGV`; returns the exit code.
 
@@ -99,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     other exception is a bug and propagates.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(_chosen(argv)).parse_args(argv)
+    args = parse_args(build_parser(_chosen(argv)), argv)
     try:
         return run_fn(args.command)(args)
     except UserError as e:

@@ -17,7 +17,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="stop (with a checkpoint) once this many total steps are done, e.g. to test resume",
     )
-    p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value config overrides (before or after options)"
+    )
 
 
 def _distributed_args(p: argparse.ArgumentParser) -> None:
@@ -78,30 +80,32 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--data", default=None, help="JSONL to evaluate on (default: data.eval_path)")
     p.add_argument("--out", default=None, help="write the metrics JSON here too")
-    p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value config overrides (before or after options)"
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from grc_jax.core.config import load_config
     from grc_jax.core.errors import MissingPathError
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise MissingPathError(f"{run} is not a run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml", args.overrides)  # a bad override fails before JAX
 
     import jax
 
     from grc_jax.checkpoints import RunCheckpoints
     from grc_jax.cli._paths import user_paths
-    from grc_jax.core.config import load_config
     from grc_jax.core.sharding import make_mesh
     from grc_jax.data.sources import read_records
     from grc_jax.train.evaluate import Evaluator
     from grc_jax.train.loop import prepare_tokenizer
     from grc_jax.train.state import create_state
 
-    cfg = load_config(run / "config.yaml", args.overrides)
     tok = prepare_tokenizer(cfg, run)
     state, _ = create_state(cfg, make_mesh(cfg.mesh), jax.random.key(0))
     ckpts = RunCheckpoints(run / "checkpoints", cfg.train.keep_checkpoints)

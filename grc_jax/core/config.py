@@ -1,12 +1,16 @@
 """Typed configuration: dataclasses loaded from YAML with `a.b=value` overrides.
 
 Every key is checked at load time: an unknown key, a value of the wrong type or a value out of range
-raises `ConfigError` naming the dotted key and what was expected.
+raises `ConfigError` naming the dotted key and what was expected. Each numeric field declares its
+range where it is defined (`_num(default, ge=/gt=/le=/lt=)`; non-finite floats never pass), each
+section its rules between fields (`_relations`); `grc_jax.core.sharding.check_batch_sharding`
+adds the rules that need the device count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,57 +23,202 @@ from grc_jax.core.constants import MemoryMode
 from grc_jax.core.errors import ConfigError
 
 
+def _show(value: Any) -> str:
+    """A value as a message shows it: `-5` for the float -5.0, `inf`, `'text'`."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value)
+
+
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected {expected}, got {_show(value)}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ---------------------------------------------------------------------------------------------
+# Value rules, declared next to each field (`_num`, `_dir_name`) and applied by `_Section.validate`.
+# Every int / float field must carry a `Range`; relations between fields (n_heads divisible by
+# n_kv_heads, ...) live in each section's `_relations`.
+
+_RULE = "grc_rule"  # the dataclass field metadata key holding a field's rule
 
 
 @dataclasses.dataclass(frozen=True)
-class RopeScalingConfig:
+class Range:
+    """The allowed values of a numeric key: finite, between `lo` and `hi` (None: unbounded; open
+    bounds exclude the bound), or one of `also` (values with a special meaning, e.g. -1: auto)."""
+
+    lo: int | float | None = None
+    hi: int | float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[Any, ...] = ()
+    note: str = ""  # what the special values mean, shown in the message
+
+    def allows(self, value: Any) -> bool:
+        if value in self.also:
+            return True
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def describe(self, kind: str) -> str:
+        """E.g. `a number in [0, 1]`, `a positive integer (>= 1)`, `a positive integer or -1
+        (>= 1; -1: the remaining devices)`; `kind` is "integer", "number" or "finite number"."""
+        lo, hi = self.lo, self.hi
+        bound = ""
+        if hi is not None:
+            left = "(" if self.lo_open else "["
+            right = ")" if self.hi_open else "]"
+            low = "-inf" if lo is None else _show(lo)
+            words = f"{kind} in {left}{low}, {_show(hi)}{right}"
+        elif lo is None:
+            words = kind
+        else:
+            bound = f"{'>' if self.lo_open else '>='} {_show(lo)}"
+            if lo == 0 and self.lo_open or lo == 1 and not self.lo_open and kind == "integer":
+                words = f"positive {kind}"
+            elif lo == 0:
+                words = f"non-negative {kind}"
+            else:
+                words, bound = f"{kind} {bound}", ""
+        words = ("an " if words[0] in "aeiou" else "a ") + words
+        words += "".join(f" or {'null' if a is None else _show(a)}" for a in self.also)
+        details = "; ".join(d for d in (bound, self.note) if d)
+        return f"{words} ({details})" if details else words
+
+    def check(self, value: Any, key: str, kind: str) -> None:
+        if not self.allows(value):
+            finite = isinstance(value, float) and kind == "number" and not math.isfinite(value)
+            _check(False, key, self.describe("finite number" if finite else kind), value)
+
+
+@dataclasses.dataclass(frozen=True)
+class DirName:
+    """A single directory name joined under another directory: never empty, `.`, `..`, a path
+    separator or an absolute path, so that the joined path stays inside that directory."""
+
+    parent: str  # the key of the directory it goes under, for the message
+
+    def check(self, value: Any, key: str, kind: str) -> None:
+        bad = (
+            not value.strip()
+            or value in (".", "..")
+            or any(c in value for c in "/\\\0")
+            or Path(value).is_absolute()
+        )
+        expected = (
+            f"one directory name inside {self.parent} (not empty, '.' or '..', no '/' or '\\')"
+        )
+        _check(not bad, key, expected, value)
+
+
+def _num(
+    default: Any,
+    *,
+    ge: int | float | None = None,
+    gt: int | float | None = None,
+    le: int | float | None = None,
+    lt: int | float | None = None,
+    also: tuple[Any, ...] = (),
+    note: str = "",
+) -> Any:
+    """A numeric dataclass field with its allowed range: `ge`/`gt` (>=, >) and `le`/`lt`."""
+    rule = Range(
+        lo=gt if gt is not None else ge,
+        hi=lt if lt is not None else le,
+        lo_open=gt is not None,
+        hi_open=lt is not None,
+        also=also,
+        note=note,
+    )
+    return dataclasses.field(default=default, metadata={_RULE: rule})
+
+
+def _dir_name(default: str, parent: str) -> Any:
+    """A string field used as one directory name under the directory of key `parent`."""
+    return dataclasses.field(default=default, metadata={_RULE: DirName(parent)})
+
+
+def _numeric_kind(tp: Any) -> str | None:
+    """`integer` / `number` for int / float fields (also `X | None`), else None."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    options = [a for a in args if a is not type(None)] if args else [tp]
+    if options == [int]:
+        return "integer"
+    if options == [float]:
+        return "number"
+    return None
+
+
+class _Section:
+    """Base of the config sections: `validate` applies the fields' declared rules (recursing into
+    nested sections), then the section's `_relations` between fields."""
+
+    def validate(self, key: str) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            name, value = _join(key, field.name), getattr(self, field.name)
+            if isinstance(value, _Section):
+                value.validate(name)
+                continue
+            rule = field.metadata.get(_RULE)
+            kind = _numeric_kind(hints[field.name])
+            if kind is not None and not isinstance(rule, Range):
+                raise TypeError(f"{type(self).__name__}.{field.name}: a number without a Range")
+            if rule is not None:
+                rule.check(value, name, kind or "string")
+        self._relations(key)
+
+    def _relations(self, key: str) -> None:
+        """Rules between fields of this section (none by default)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScalingConfig(_Section):
     """Llama-3 style RoPE frequency scaling (HF `rope_type: llama3`)."""
 
     rope_type: Literal["llama3"] = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    factor: float = _num(8.0, gt=0)
+    low_freq_factor: float = _num(1.0, gt=0)
+    high_freq_factor: float = _num(4.0, gt=0)
+    original_max_position_embeddings: int = _num(8192, ge=1)
 
-    def validate(self, key: str) -> None:
-        _check(self.factor > 0, f"{key}.factor", "a positive number", self.factor)
+    def _relations(self, key: str) -> None:
         _check(
             self.high_freq_factor > self.low_freq_factor,
             f"{key}.high_freq_factor",
-            f"a number above low_freq_factor={self.low_freq_factor}",
+            f"a number above low_freq_factor={_show(self.low_freq_factor)}",
             self.high_freq_factor,
-        )
-        _check(
-            self.original_max_position_embeddings > 0,
-            f"{key}.original_max_position_embeddings",
-            "a positive integer",
-            self.original_max_position_embeddings,
         )
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """Decoder hyper-parameters of the Llama / Qwen2 / Qwen3 family (names follow HF configs)."""
 
     family: Literal["llama", "qwen2", "qwen3"] = "llama"
-    vocab_size: int = 512
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 32
-    d_ff: int = 352
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    vocab_size: int = _num(512, ge=1)
+    d_model: int = _num(128, ge=1)
+    n_layers: int = _num(4, ge=1)
+    n_heads: int = _num(4, ge=1)
+    n_kv_heads: int = _num(2, ge=1)  # a divisor of n_heads (`_relations`)
+    head_dim: int = _num(32, ge=1)  # even (`_relations`)
+    d_ff: int = _num(352, ge=1)
+    rms_norm_eps: float = _num(1e-5, gt=0)
+    rope_theta: float = _num(10000.0, gt=0)
     rope_scaling: RopeScalingConfig | None = None
-    max_position_embeddings: int = 2048
+    max_position_embeddings: int = _num(2048, ge=1)
     tie_embeddings: bool = True
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3
-    init_std: float = 0.02
+    init_std: float = _num(0.02, gt=0)
     # Parameters are always float32; `dtype` is the compute dtype of matmuls and activations.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = (
@@ -77,18 +226,7 @@ class ModelConfig:
     )
     scan_layers: bool = False
 
-    def validate(self, key: str) -> None:
-        for name in (
-            "vocab_size",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "head_dim",
-            "d_ff",
-        ):
-            value = getattr(self, name)
-            _check(value > 0, f"{key}.{name}", "a positive integer", value)
+    def _relations(self, key: str) -> None:
         _check(
             self.n_heads % self.n_kv_heads == 0,
             f"{key}.n_kv_heads",
@@ -98,10 +236,6 @@ class ModelConfig:
         _check(
             self.head_dim % 2 == 0, f"{key}.head_dim", "an even number (RoPE pairs)", self.head_dim
         )
-        _check(self.rms_norm_eps > 0, f"{key}.rms_norm_eps", "a positive number", self.rms_norm_eps)
-        _check(self.rope_theta > 0, f"{key}.rope_theta", "a positive number", self.rope_theta)
-        if self.rope_scaling is not None:
-            self.rope_scaling.validate(f"{key}.rope_scaling")
 
     @property
     def q_per_kv(self) -> int:
@@ -109,64 +243,47 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossWeights:
-    gen: float = 1.0
-    rep: float = 1.0
-    comp: float = 1.0
+class LossWeights(_Section):
+    gen: float = _num(1.0, ge=0)
+    rep: float = _num(1.0, ge=0)
+    comp: float = _num(1.0, ge=0)
 
-    def validate(self, key: str) -> None:
-        for name in ("gen", "rep", "comp"):
-            value = getattr(self, name)
-            _check(value >= 0, f"{key}.{name}", "a non-negative number", value)
+    def _relations(self, key: str) -> None:
+        weights = {"gen": self.gen, "rep": self.rep, "comp": self.comp}
+        _check(any(w > 0 for w in weights.values()), key, "at least one weight above 0", weights)
 
 
 @dataclasses.dataclass(frozen=True)
-class GRCConfig:
+class GRCConfig(_Section):
     """The GRC method's knobs (DESIGN.md): latents, visibility mode, pooling, contrastive loss."""
 
-    num_latents: int = 16
+    num_latents: int = _num(16, ge=1)
     memory_mode: MemoryMode = "independent"
     pooling: Literal["mean", "last"] = "mean"
-    projection_dim: int | None = None  # None: no projection head on the embedding
+    # None: no projection head on the embedding
+    projection_dim: int | None = _num(None, ge=1, also=(None,))
     loss_weights: LossWeights = LossWeights()
-    temperature: float = 0.02
+    temperature: float = _num(0.02, gt=0)
     learnable_temperature: bool = False
     # Latent table init: "normal" (N(0, init_std), from scratch) or "mean_embedding" (mean token
     # embedding + N(0, latent_init_noise) per entry: the default when GRC-tuning an imported model).
     latent_init: Literal["normal", "mean_embedding"] = "normal"
-    latent_init_noise: float = 0.02
+    latent_init_noise: float = _num(0.02, ge=0)
 
-    def validate(self, key: str) -> None:
-        _check(self.num_latents > 0, f"{key}.num_latents", "a positive integer", self.num_latents)
-        if self.projection_dim is not None:
-            _check(
-                self.projection_dim > 0,
-                f"{key}.projection_dim",
-                "a positive integer or null",
-                self.projection_dim,
-            )
-        _check(self.temperature > 0, f"{key}.temperature", "a positive number", self.temperature)
-        _check(
-            self.latent_init_noise >= 0,
-            f"{key}.latent_init_noise",
-            "a non-negative number",
-            self.latent_init_noise,
-        )
-        self.loss_weights.validate(f"{key}.loss_weights")
+
+_AUTO_AXIS = dict(also=(-1,), note="-1: the remaining devices")
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(_Section):
     """Device mesh shape over axes ("data", "fsdp", "tensor"); one entry may be -1 (auto-fill)."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = _num(-1, ge=1, **_AUTO_AXIS)
+    fsdp: int = _num(1, ge=1, **_AUTO_AXIS)
+    tensor: int = _num(1, ge=1, **_AUTO_AXIS)
 
-    def validate(self, key: str) -> None:
+    def _relations(self, key: str) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        for name, value in sizes.items():
-            _check(value == -1 or value > 0, f"{key}.{name}", "a positive integer or -1", value)
         autos = [n for n, v in sizes.items() if v == -1]
         _check(len(autos) <= 1, key, "at most one axis set to -1", sizes)
 
@@ -175,82 +292,56 @@ class MeshConfig:
         return (self.data, self.fsdp, self.tensor)
 
 
+_SEED = dict(ge=0, le=2**32 - 1)
+
+
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     train_path: str = "data/synth/train.jsonl"
     eval_path: str = "data/synth/validation.jsonl"
     tokenizer: str = ""  # sentencepiece .model or tokenizer.json; empty: the run's own
-    seq_len: int = 256
-    batch_size: int = 8  # global batch, in packed rows
+    seq_len: int = _num(256, ge=1)
+    # Global batch, in packed rows; a multiple of the data-parallel size (mesh data x fsdp) and
+    # of train.microbatches (`grc_jax.core.sharding.check_batch_sharding`).
+    batch_size: int = _num(8, ge=1)
     skip_bad_lines: bool = False
-    shuffle_seed: int = 0
+    shuffle_seed: int = _num(0, **_SEED)
     # Fraction of training queries laid out without their reasoning/answer, so that embedding a
     # bare query (no self-reasoning) is also a trained case.
-    reasoning_dropout: float = 0.25
-
-    def validate(self, key: str) -> None:
-        _check(self.seq_len > 0, f"{key}.seq_len", "a positive integer", self.seq_len)
-        _check(self.batch_size > 0, f"{key}.batch_size", "a positive integer", self.batch_size)
-        _check(
-            0.0 <= self.reasoning_dropout <= 1.0,
-            f"{key}.reasoning_dropout",
-            "a number in [0, 1]",
-            self.reasoning_dropout,
-        )
+    reasoning_dropout: float = _num(0.25, ge=0, le=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    run_name: str = "tiny"
+class TrainConfig(_Section):
+    # The run directory is <output_dir>/<run_name>: run_name is one plain directory name.
+    run_name: str = _dir_name("tiny", parent="train.output_dir")
     output_dir: str = "runs"
-    seed: int = 0
-    steps: int = 300
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    microbatches: int = 1
-    log_every: int = 10
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    export_every: int = 0  # write <run>/export/step_<n>/ (a HF directory) every n steps; 0: off
-    eval_queries: int = 200  # held-out queries per evaluation (its corpus: their documents)
+    seed: int = _num(0, **_SEED)
+    steps: int = _num(300, ge=1)
+    learning_rate: float = _num(3e-3, gt=0)
+    warmup_steps: int = _num(20, ge=0)
+    min_lr_ratio: float = _num(0.1, ge=0, le=1)  # final learning rate / peak learning rate
+    weight_decay: float = _num(0.01, ge=0)
+    grad_clip: float = _num(1.0, gt=0)  # global gradient-norm clip
+    microbatches: int = _num(1, ge=1)  # a divisor of data.batch_size (`Config._relations`)
+    log_every: int = _num(10, ge=1)
+    eval_every: int = _num(100, ge=1)
+    checkpoint_every: int = _num(100, ge=1)
+    keep_checkpoints: int = _num(3, ge=1)
+    # write <run>/export/step_<n>/ (a HF directory) every n steps; 0: off
+    export_every: int = _num(0, ge=0, note="0: no periodic export")
+    # held-out queries per evaluation (its corpus: their documents)
+    eval_queries: int = _num(200, ge=1)
     # auto: resume from the newest checkpoint of the run if there is one; required: fail without
     # one; never: fail if the run already has checkpoints.
     resume: Literal["auto", "required", "never"] = "auto"
     init_from: str = ""  # a `grc import-hf` output directory, to GRC-tune a pretrained model
     freeze_base: bool = False
-    lora_rank: int = 0
-
-    def validate(self, key: str) -> None:
-        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            _check(value > 0, f"{key}.{name}", "a positive integer", value)
-        _check(
-            self.learning_rate > 0, f"{key}.learning_rate", "a positive number", self.learning_rate
-        )
-        _check(
-            self.warmup_steps >= 0,
-            f"{key}.warmup_steps",
-            "a non-negative integer",
-            self.warmup_steps,
-        )
-        _check(
-            self.microbatches > 0, f"{key}.microbatches", "a positive integer", self.microbatches
-        )
-        _check(self.lora_rank >= 0, f"{key}.lora_rank", "a non-negative integer", self.lora_rank)
-        _check(
-            self.export_every >= 0,
-            f"{key}.export_every",
-            "a non-negative integer (0: no periodic export)",
-            self.export_every,
-        )
+    lora_rank: int = _num(0, ge=0, note="0: no LoRA")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_Section):
     model: ModelConfig = ModelConfig()
     grc: GRCConfig = GRCConfig()
     mesh: MeshConfig = MeshConfig()
@@ -258,8 +349,15 @@ class Config:
     train: TrainConfig = TrainConfig()
 
     def validate(self, key: str = "") -> None:
-        for field in dataclasses.fields(self):
-            getattr(self, field.name).validate(field.name)
+        super().validate(key)
+
+    def _relations(self, key: str) -> None:
+        _check(
+            self.data.batch_size % self.train.microbatches == 0,
+            _join(key, "train.microbatches"),
+            f"a divisor of data.batch_size={self.data.batch_size} (GradCache microbatches)",
+            self.train.microbatches,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

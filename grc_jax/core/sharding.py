@@ -4,7 +4,8 @@ Parameters and the main activations carry logical axis names (`("embed", "mlp")`
 table, `LOGICAL_AXIS_RULES`, maps each name to a mesh axis (or a tuple of them, or None), and
 `logical_to_spec` resolves a tuple of names to a `PartitionSpec`, refusing specs that would use a
 physical axis twice. A dimension that the mapped mesh axes do not divide is replicated instead
-(e.g. SmolLM2's 9 heads on a 4-way tensor axis): sharding it would need padding.
+(e.g. SmolLM2's 9 heads on a 4-way tensor axis): sharding it would need padding. The training
+batch is the exception: `check_batch_sharding` refuses one the data-parallel axes do not divide.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from grc_jax.core.config import MeshConfig
+from grc_jax.core.config import Config, MeshConfig
 from grc_jax.core.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -124,26 +125,57 @@ def logical_to_spec(
     return PartitionSpec(*parts)
 
 
-def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` over ("data", "fsdp", "tensor"); a -1 entry takes the remaining devices."""
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """The mesh axis sizes `cfg` gives on `n_devices` devices (a -1 entry: the rest of them)."""
     cfg.validate("mesh")
-    devices = list(jax.devices() if devices is None else devices)
     shape = list(cfg.shape)
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if len(devices) % known != 0:
+        if n_devices % known != 0:
             raise ShardingRuleError(
-                f"mesh {dict(zip(MESH_AXES, cfg.shape))}: {len(devices)} devices are not divisible "
+                f"mesh {dict(zip(MESH_AXES, cfg.shape))}: {n_devices} devices are not divisible "
                 f"by the fixed axes' product {known}"
             )
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+        shape[shape.index(-1)] = n_devices // known
+    if math.prod(shape) != n_devices:
         raise ShardingRuleError(
             f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-            f"but {len(devices)} are available"
+            f"but {n_devices} are available"
         )
+    return dict(zip(MESH_AXES, shape))
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` over ("data", "fsdp", "tensor"); a -1 entry takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = tuple(mesh_shape(cfg, len(devices)).values())
     device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_batch_sharding(cfg: Config, n_devices: int) -> None:
+    """Refuse a training batch that the mesh cannot split evenly: `data.batch_size` rows are
+    sharded over the `data` x `fsdp` axes (`activation_batch`), and so are the rows of each of the
+    `train.microbatches` microbatches. An uneven split would silently replicate the batch."""
+    sizes = mesh_shape(cfg.mesh, n_devices)
+    dp = sizes["data"] * sizes["fsdp"]
+    given = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp}
+    axes = " x ".join(
+        f"mesh.{a}=" + ("-1 -> " if given[a] == -1 else "") + str(sizes[a])
+        for a in ("data", "fsdp")
+    )
+    where = f"the data-parallel size {dp} ({axes} on {n_devices} devices)"
+    batch, micro = cfg.data.batch_size, cfg.train.microbatches
+    if batch % dp:
+        raise ConfigError(
+            f"config key 'data.batch_size': expected a multiple of {where}, got {batch}"
+        )
+    if batch % (micro * dp):
+        raise ConfigError(
+            f"config key 'train.microbatches': each of the {micro} microbatches of "
+            f"data.batch_size={batch} has {batch // micro} rows, not a multiple of {where}; "
+            f"use a divisor of {batch // dp}"
+        )
 
 
 # Activation constraints apply only inside `activation_sharding(mesh)`, so the same model code runs

@@ -16,7 +16,7 @@ import jax
 from jax.experimental import topologies
 
 from grc_jax.core.errors import UsageError
-from grc_jax.core.sharding import activation_sharding, make_mesh
+from grc_jax.core.sharding import activation_sharding, check_batch_sharding, make_mesh
 from grc_jax.data.pipeline import BatchBuilder, slots_per_row
 from grc_jax.model.params import init_grc_params
 from grc_jax.train.optim import make_optimizer
@@ -99,6 +99,7 @@ def compile_train_step(cfg, topology: str) -> dict[str, Any]:
         ) from e
     devices = list(topo.devices)
     mesh = make_mesh(cfg.mesh, devices)
+    check_batch_sharding(cfg, len(devices))
 
     def make():
         params = init_grc_params(cfg, jax.random.key(0))

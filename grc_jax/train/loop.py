@@ -27,7 +27,7 @@ from grc_jax.checkpoints import RunCheckpoints, load_imported, run_dir
 from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config, save_config
 from grc_jax.core.errors import CheckpointError, ConfigError
-from grc_jax.core.sharding import make_mesh
+from grc_jax.core.sharding import check_batch_sharding, make_mesh
 from grc_jax.data.pipeline import train_dataset
 from grc_jax.data.sources import open_source, read_records, scan_records
 from grc_jax.data.tokenizer import (
@@ -171,6 +171,7 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
         save_config(cfg, directory / "config.yaml")
     tok = _shared_tokenizer(cfg, directory)
     mesh = make_mesh(cfg.mesh)
+    check_batch_sharding(cfg, mesh.size)
     state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed), _load_init(cfg))
     # Every process reads the same record stream and packs the same global batch, then places
     # only its devices' rows (`_global_batch`). The batches, and the one data-iterator state that

@@ -96,7 +96,8 @@ def test_non_finite_update_stops_and_keeps_last_good_checkpoint(data_dir, tmp_pa
     ckpts = RunCheckpoints(tmp_path / "nan/checkpoints", 3)
     assert ckpts.latest_step() == 2
     ckpts.close()
-    bad = load_config(ROOT / "configs/tiny.yaml", [*base, "train.learning_rate=.inf"])
+    # inf itself is refused at load time; 1e39 is finite there but overflows float32 in the step.
+    bad = load_config(ROOT / "configs/tiny.yaml", [*base, "train.learning_rate=1e39"])
     with pytest.raises(NonFiniteLossError, match=r"step 3.*last good checkpoint \(step 2\)"):
         train(bad, quiet=True)
     ckpts = RunCheckpoints(tmp_path / "nan/checkpoints", 3)
