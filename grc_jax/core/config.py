@@ -220,6 +220,10 @@ class TrainConfig:
     # auto: resume from the newest checkpoint of the run if there is one; required: fail without
     # one; never: fail if the run already has checkpoints.
     resume: Literal["auto", "required", "never"] = "auto"
+    # Resume from this checkpoint step instead of the newest (e.g. past a damaged one); newer
+    # checkpoints are set aside. Applied once: a rerun whose config.yaml records it resumes from
+    # the newest checkpoint. null: the newest.
+    resume_step: int | None = None
     init_from: str = ""  # a `grc import-hf` output directory, to GRC-tune a pretrained model
     freeze_base: bool = False
     lora_rank: int = 0
@@ -240,6 +244,11 @@ class TrainConfig:
         _check(
             self.microbatches > 0, f"{key}.microbatches", "a positive integer", self.microbatches
         )
+        if self.resume_step is not None:
+            _check(
+                self.resume_step > 0, f"{key}.resume_step", "a positive integer or null",
+                self.resume_step,
+            )  # fmt: skip
         _check(self.lora_rank >= 0, f"{key}.lora_rank", "a non-negative integer", self.lora_rank)
         _check(
             self.export_every >= 0,
