@@ -7,12 +7,17 @@ Training and inference both go through this module:
 - an import directory (`grc import-hf` output: `config.yaml`, `params/`, `import_info.json`,
   tokenizer files), the imported, not yet GRC-trained model.
 
-Saves are asynchronous and keep the newest `train.keep_checkpoints`. Restoring never falls back to
-a fresh start or to random weights: a checkpoint that exists but cannot be read is an error.
+Saves are asynchronous and keep the newest `train.keep_checkpoints`; each step carries an
+integrity manifest (`grc_manifest.json`, `grc_jax.integrity`). Restoring never falls back to a
+fresh start, to random weights or to a subset of the parameters: a checkpoint that exists but
+cannot be read, whose files do not match its manifest, whose restored parameters are not finite,
+or whose parameter tree is not the config's is an error naming the step and what is wrong.
 """
 
 from __future__ import annotations
 
+import collections
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,16 @@ import orbax.checkpoint as ocp
 
 from grc_jax.core.config import Config, load_config
 from grc_jax.core.errors import CheckpointError, MissingPathError, ModelLoadError
+from grc_jax.core.trees import path_names
 from grc_jax.data.tokenizer import Tokenizer, load_tokenizer
+from grc_jax.integrity import (
+    check_step,
+    damaged_message,
+    nonfinite_message,
+    nonfinite_paths,
+    warn_unverified,
+    write_manifest,
+)
 from grc_jax.model.params import GRCParams, init_grc_params
 from grc_jax.model.transformer import abstract_params
 
@@ -31,36 +45,86 @@ def run_dir(cfg: Config) -> Path:
 
 
 class RunCheckpoints:
-    """The checkpoints of one run directory (`<run>/checkpoints/<step>/{state,data}`)."""
+    """The checkpoints of one run directory (`<run>/checkpoints/<step>/{state,data}`), each with
+    its integrity manifest (`grc_jax.integrity`), written from Orbax's commit thread just before
+    the step is published: saving never waits for the hashing, and no committed step lacks it."""
 
     def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        self._committing: collections.deque[int] = collections.deque()  # saved, not yet sealed
+        self._async = async_save
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal)
+            if async_save
+            else None,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data")
         )
 
+    def _seal(self) -> None:
+        """Orbax's commit thread, on process 0, after the oldest pending save's items are
+        finalized and before its temporary directory is renamed to `<step>`: the manifest."""
+        step = self._committing.popleft()
+        found = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        if len(found) != 1:
+            found = [self.directory / str(step)] if (self.directory / str(step)).is_dir() else []
+        if not found:
+            raise RuntimeError(f"checkpoint step {step}: no directory to seal in {self.directory}")
+        write_manifest(found[0], step)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-            ),
-        )
+        sealing = self._async and jax.process_index() == 0
+        if sealing:
+            self._committing.append(step)
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                ),
+            )
+        except BaseException:
+            if sealing and self._committing and self._committing[-1] == step:
+                self._committing.pop()
+            raise
+        if not self._async and jax.process_index() == 0:
+            write_manifest(self.directory / str(step), step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def check(self, step: int) -> None:
+        """Raise `CheckpointError` unless checkpoint `step`'s files match its manifest; warn when
+        it predates manifests."""
+        steps = self.all_steps()
+        verdict = check_step(self.directory, step, steps)
+        if verdict.status == "damaged":
+            raise CheckpointError(damaged_message(self.directory, step, steps, verdict.problem))
+        if verdict.status == "unverified":
+            warn_unverified(self.directory, step)
+
+    def newest_verified_step(self) -> int | None:
+        """The newest step whose files match its manifest (pending saves finished first)."""
+        self.wait()
+        steps = self.all_steps()
+        for step in reversed(steps):
+            if check_step(self.directory, step, steps).status == "verified":
+                return step
+        return None
+
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any], int]:
-        """Restore (state, data-iterator state, step); `abstract_state` carries target shardings."""
+        """Restore (state, data-iterator state, step); `abstract_state` carries target shardings.
+        The step's files are checked against its manifest first, the restored floats after."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
@@ -69,6 +133,7 @@ class RunCheckpoints:
                 f"checkpoint step {step} does not exist in {self.directory}; "
                 f"available: {self.all_steps()}"
             )
+        self.check(step)
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
         )
@@ -84,7 +149,33 @@ class RunCheckpoints:
                 f"checkpoint {self.directory / str(step)} cannot be restored "
                 f"({type(e).__name__}: {e}); refusing to start fresh over it"
             ) from e
+        bad = nonfinite_paths(restored["state"])
+        if bad:
+            steps = self.all_steps()
+            raise CheckpointError(nonfinite_message(self.directory, step, steps, bad))
         return restored["state"], restored["data"], step
+
+    def set_aside_after(self, step: int) -> list[int]:
+        """Move the checkpoints newer than `step` to `<run>/checkpoints.set_aside/<step>` (process
+        0; call on every process: the others wait for it) so that training from `step` can save
+        them again; the steps moved."""
+        newer = [s for s in self.all_steps() if s > step]
+        if newer and jax.process_index() == 0:
+            aside = self.directory.parent / f"{self.directory.name}.set_aside"
+            aside.mkdir(exist_ok=True)
+            for s in newer:
+                target = aside / str(s)
+                n = 1
+                while target.exists():
+                    target, n = aside / f"{s}.{n}", n + 1
+                os.replace(self.directory / str(s), target)
+        if newer and jax.process_count() > 1:
+            from jax.experimental.multihost_utils import sync_global_devices
+
+            sync_global_devices("grc_jax: newer checkpoints set aside")
+        if newer:
+            self.manager.reload()
+        return newer
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -108,8 +199,34 @@ def _on_one_device(shapes: Any) -> Any:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
 
 
+def _shape_table(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {
+        ".".join(path_names(path)): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _param_tree_mismatch(saved: Any, expected: Any) -> list[str]:
+    """The differences between the param shapes in a checkpoint's metadata and the config's."""
+    have, want = _shape_table(saved), _shape_table(expected)
+    diffs = [f"params.{k} (config only)" for k in sorted(want.keys() - have.keys())]
+    diffs += [f"params.{k} (checkpoint only)" for k in sorted(have.keys() - want.keys())]
+    diffs += [
+        f"params.{k}: {have[k]} in the checkpoint, {want[k]} from the config"
+        for k in sorted(want.keys() & have.keys())
+        if have[k] != want[k]
+    ]
+    return diffs
+
+
 def restore_params(cfg: Config, run: str | Path, step: int | None = None) -> tuple[GRCParams, int]:
-    """The params (no optimizer state) of a run's checkpoint `step` (default: the newest)."""
+    """The params (no optimizer state) of a run's checkpoint `step` (default: the newest).
+
+    The step's files are checked against its manifest, its param tree (keys and shapes, from the
+    checkpoint's metadata) must be the one `cfg` builds, and every restored parameter must be
+    finite; otherwise a `CheckpointError` (damaged files, non-finite params) or `ModelLoadError`
+    (a param tree that is not the config's) names what is wrong.
+    """
     run = Path(run)
     steps = checkpoint_steps(run)
     if not steps:
@@ -123,13 +240,38 @@ def restore_params(cfg: Config, run: str | Path, step: int | None = None) -> tup
         raise ModelLoadError(
             f"run {str(run)!r} has no checkpoint at step {step}; available: {steps}"
         )
+    checkpoints = (run / "checkpoints").absolute()
+    verdict = check_step(checkpoints, step, steps)
+    if verdict.status == "damaged":
+        raise CheckpointError(damaged_message(checkpoints, step, steps, verdict.problem))
+    if verdict.status == "unverified":
+        warn_unverified(checkpoints, step)
     shapes = jax.eval_shape(lambda: init_grc_params(cfg, jax.random.key(0)))
+    path = checkpoints / str(step) / "state"
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        saved = handler.metadata(path).tree["params"]
+    except Exception as e:  # orbax raises many types for unreadable metadata
+        raise CheckpointError(
+            f"checkpoint {str(path.parent)!r}: its metadata cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    finally:
+        handler.close()
+    diffs = _param_tree_mismatch(saved, shapes)
+    if diffs:
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise ModelLoadError(
+            f"checkpoint {str(path.parent)!r} does not hold the params of the run's config.yaml: "
+            f"{'; '.join(diffs[:3])}{more}; restore the config.yaml the run was trained with"
+        )
     target = {"params": _on_one_device(shapes)}
-    path = (run / "checkpoints" / str(step) / "state").absolute()
     args = ocp.args.PyTreeRestore(
         item=target,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True,  # the params only: no optimizer state is read or allocated
+        # The params only (checked above to be the checkpoint's whole param tree): no optimizer
+        # state is read or allocated.
+        partial_restore=True,
     )
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
@@ -139,6 +281,9 @@ def restore_params(cfg: Config, run: str | Path, step: int | None = None) -> tup
             f"checkpoint {str(path.parent)!r} cannot be restored with the run's config.yaml "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
+    bad = nonfinite_paths(restored["params"], "params")
+    if bad:
+        raise CheckpointError(nonfinite_message(checkpoints, step, steps, bad))
     return restored["params"], step
 
 

@@ -335,6 +335,10 @@ class TrainConfig(_Section):
     # auto: resume from the newest checkpoint of the run if there is one; required: fail without
     # one; never: fail if the run already has checkpoints.
     resume: Literal["auto", "required", "never"] = "auto"
+    # Resume from this checkpoint step instead of the newest (e.g. past a damaged one); newer
+    # checkpoints are set aside. Applied once: a rerun whose config.yaml records it resumes from
+    # the newest checkpoint. null: the newest.
+    resume_step: int | None = _num(None, ge=1, also=(None,), note="null: the newest checkpoint")
     init_from: str = ""  # a `grc import-hf` output directory, to GRC-tune a pretrained model
     freeze_base: bool = False
     lora_rank: int = _num(0, ge=0, note="0: no LoRA")

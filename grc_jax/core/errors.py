@@ -37,9 +37,13 @@ class DataError(UserError, ValueError):
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A checkpoint is missing or cannot be restored."""
+    """A checkpoint is missing or cannot be restored (damaged files, non-finite params)."""
 
     exit_code = 1
+
+
+class RunInUseError(UserError, RuntimeError):
+    """Another process holds the run directory's lock (`<run>/.lock`)."""
 
 
 class NonFiniteLossError(UserError, RuntimeError):

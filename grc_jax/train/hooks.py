@@ -129,10 +129,19 @@ class CheckFinite(Hook):
         if math.isfinite(m["loss/total"]) and m["params_finite"] == 1.0:
             return
         what = "loss" if not math.isfinite(m["loss/total"]) else "parameter update"
+        good = run.ckpts.newest_verified_step()  # its files match their manifest
+        if good is not None:
+            where = f"The last good checkpoint (step {good}) in {run.ckpts.directory} is intact"
+        elif run.ckpts.latest_step() is not None:
+            where = (
+                f"The last checkpoint (step {run.ckpts.latest_step()}, unverified: no manifest) "
+                f"in {run.ckpts.directory} is left as it was"
+            )
+        else:
+            where = f"No checkpoint was saved in {run.ckpts.directory}"
         raise NonFiniteLossError(
             f"non-finite {what} at step {tick.step} (gen={m['loss/gen']}, "
-            f"rep={m['loss/rep']}, comp={m['loss/comp']}); stopping. The last good "
-            f"checkpoint (step {run.ckpts.latest_step()}) in {run.ckpts.directory} is intact; "
+            f"rep={m['loss/rep']}, comp={m['loss/comp']}); stopping. {where}; "
             "lower train.learning_rate or check the data"
         )
 
@@ -152,6 +161,20 @@ class Logger:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+
+    def purge_after(self, step: int) -> None:
+        """Hide from TensorBoard the events of earlier sessions of this directory at steps after
+        `step` (all of them for 0): the resumed run logs those steps again."""
+        if self.writer is None:
+            return
+        files = list(Path(self.writer.logdir).glob("events.out.tfevents.*"))
+        if step == 0 and len(files) <= 1:
+            return  # a new run: nothing to hide
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        start = SessionLog(status=SessionLog.START)
+        self.writer.file_writer.add_event(Event(step=step + 1 if step else 0, session_log=start))
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -201,8 +224,8 @@ class LogMetrics(Hook):
 
 class SaveCheckpoint(Hook):
     """Checkpoint the state and the data position; on a preemption notice (SIGTERM to any
-    process, with jax.distributed: all processes agree on the step), save, then stop the loop.
-    Rerunning the command resumes there."""
+    process, with jax.distributed: all processes agree on the step; SIGTERM to a single process:
+    the next step), save, then stop the loop. Rerunning the command resumes there."""
 
     def __call__(self, run: Run, tick: Tick) -> None:
         run.ckpts.save(tick.step, run.state, run.data_iter.get_state())

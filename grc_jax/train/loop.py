@@ -9,6 +9,11 @@ runs the final eval.
 A run lives in `<train.output_dir>/<train.run_name>/`: `config.yaml`, `tokenizer.model` (trained
 here for from-scratch runs), `checkpoints/<step>/`, `tb/` (TensorBoard) and `eval/*.json`.
 Re-running the same command resumes from the newest checkpoint (model, optimizer and data position).
+
+`train` holds the run lock (`<run>/.lock`, `grc_jax.train.run_lock`) throughout. Nothing is
+written to the run directory before the state is restored (or a fresh start is decided): a resume
+that would change the parameters (`grc_jax.train.resume`), a damaged checkpoint or a busy run
+leaves the run as it was. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from grc_jax.data.tokenizer import (
 from grc_jax.train.evaluate import Evaluator
 from grc_jax.train.flops import measure_matmul_flops, train_flops_per_step
 from grc_jax.train.hooks import Hook, Logger, Tick, default_hooks, record_eval
+from grc_jax.train.preemption import SigtermNotice
+from grc_jax.train.resume import check_saved_config, drop_rows_after, resume_target
+from grc_jax.train.run_lock import lock_run
 from grc_jax.train.state import TrainState, create_state
 from grc_jax.train.step import batch_shardings, make_train_step
 
@@ -138,37 +146,48 @@ class Run:
     quiet: bool  # no progress bar
     first_batch: Any = None  # fetched to learn the batch shapes; trained on first
     bar: Any = None  # the tqdm progress bar, while the loop runs
+    sigterm: SigtermNotice | None = None  # single process: a SIGTERM makes a preemption step
 
     def next_batch(self) -> Any:
         batch, self.first_batch = self.first_batch, None
         return batch if batch is not None else next(self.data_iter)
 
 
-def _resume(cfg: Config, ckpts: RunCheckpoints, state: Any, data_iter: Any):
-    """(state, start step) after applying `train.resume` to the run's checkpoints."""
-    if cfg.train.resume == "never" and ckpts.latest_step() is not None:
+def _resume(cfg: Config, saved: Config | None, ckpts: RunCheckpoints, state: Any, data_iter: Any):
+    """(state, start step) after applying `train.resume` and `train.resume_step` to the run's
+    checkpoints (checked against their manifests, restored floats checked finite)."""
+    steps = ckpts.all_steps()
+    if cfg.train.resume == "never" and steps:
         raise ConfigError(
             f"train.resume=never but {ckpts.directory} holds checkpoints "
-            f"{ckpts.all_steps()}; choose a new train.run_name or remove them"
+            f"{steps}; choose a new train.run_name or remove them"
         )
-    if cfg.train.resume == "required" and ckpts.latest_step() is None:
+    if cfg.train.resume == "required" and not steps:
         raise CheckpointError(f"train.resume=required but {ckpts.directory} holds no checkpoint")
-    if ckpts.latest_step() is None:
+    target = resume_target(cfg, saved, steps)
+    if target is None:
         return state, 0
-    state, data_state, start = ckpts.restore(None, state)
+    state, data_state, start = ckpts.restore(target, state)
+    moved = ckpts.set_aside_after(start)  # resume_step: the newer ones would be saved again
+    if moved and jax.process_index() == 0:
+        print(
+            f"train.resume_step={start}: moved the newer checkpoints {moved} to "
+            f"{ckpts.directory}.set_aside",
+            flush=True,
+        )
     data_iter.set_state(data_state)
     return state, start
 
 
 def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) -> Run:
-    """The run of `cfg`, ready for its first step: run directory (config.yaml written),
-    tokenizer, state (restored when resuming), data iterator, checkpoints, evaluator, the jitted
-    step, and an open logger (closed by `train`)."""
+    """The run of `cfg`, ready for its first step: run directory, tokenizer, state (restored
+    when resuming), data iterator, checkpoints, evaluator, the jitted step, and an open logger
+    (closed by `train`). config.yaml is written once the state is restored (or a fresh start
+    decided), with `metrics.jsonl` cut back to the restored step."""
     directory = run_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        save_config(cfg, directory / "config.yaml")
+    saved = check_saved_config(cfg, directory)  # before anything is written
     tok = _shared_tokenizer(cfg, directory)
     mesh = make_mesh(cfg.mesh)
     check_batch_sharding(cfg, mesh.size)
@@ -180,7 +199,10 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
     ds, parser = train_dataset(cfg, tok, open_source(cfg.data.train_path))
     data_iter = iter(ds)
     ckpts = RunCheckpoints(directory / "checkpoints", cfg.train.keep_checkpoints)
-    state, start = _resume(cfg, ckpts, state, data_iter)
+    state, start = _resume(cfg, saved, ckpts, state, data_iter)
+    if is_main:
+        drop_rows_after(directory / "metrics.jsonl", start)  # steps the resumed run redoes
+        save_config(cfg, directory / "config.yaml")
     if start and not quiet and is_main:
         print(f"resumed {directory} at step {start}")
     # Only process 0 evaluates (parameters gathered to it), so only it reads data.eval_path.
@@ -198,6 +220,8 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
     flops_per_step = train_flops_per_step(cfg, first.tokens.shape[0])
     peak_flops = measure_matmul_flops(mesh)
     end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
+    logger = Logger(directory / "tb", is_main)  # opened last: nothing after it can fail
+    logger.purge_after(start)  # TensorBoard hides the earlier events of the steps redone
     return Run(
         cfg=cfg,
         directory=directory,
@@ -209,7 +233,7 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
         parser=parser,
         ckpts=ckpts,
         evaluator=evaluator,
-        logger=Logger(directory / "tb", is_main),  # opened last: nothing after it can fail
+        logger=logger,
         step_fn=step_fn,
         start=start,
         end=end,
@@ -242,7 +266,10 @@ def _run_steps(run: Run, hooks: Sequence[Hook]) -> int:
             step += 1
             # A preemption notice (SIGTERM to any process, with jax.distributed) makes all
             # processes agree on a step to checkpoint at, then stop; rerunning resumes there.
-            preempted = run.ckpts.manager.reached_preemption(step)
+            # A single process has its own SIGTERM handler (`SigtermNotice`).
+            preempted = run.ckpts.manager.reached_preemption(step) or bool(
+                run.sigterm and run.sigterm.received
+            )
             due = [h for h in hooks if h.schedule.fires(step, run.end, preempted)]
             host = None  # metrics leave the device only when a hook due now reads them
             if any(h.needs_metrics for h in due):
@@ -267,8 +294,17 @@ def train(
     `max_steps` stops early after that many steps in total (used by tests to stop mid-run).
     `hooks` run after the checkpoint hook at the steps their schedules name (e.g. the periodic
     export of `grc_jax.convert.export.export_hooks(cfg)`).
+    The run lock is held throughout; a single process saves and stops on SIGTERM.
     """
+    with lock_run(run_dir(cfg)), SigtermNotice() as sigterm:
+        return _train(cfg, max_steps, quiet, hooks, sigterm)
+
+
+def _train(
+    cfg: Config, max_steps: int | None, quiet: bool, hooks: Sequence[Hook], sigterm: SigtermNotice
+) -> dict[str, Any]:
     run = setup_run(cfg, max_steps, quiet)
+    run.sigterm = sigterm
     try:
         if run.start == 0:
             record_eval(run, 0, "untrained")

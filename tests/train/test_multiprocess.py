@@ -17,6 +17,7 @@ from grc_jax.core.config import load_config
 from grc_jax.core.distributed import DistributedConfigError, Plan, plan
 from grc_jax.data.synth import synthesize
 from grc_jax.train.loop import train
+from grc_jax.train.run_lock import RunLock
 from tests.helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,6 +154,27 @@ def test_sigterm_to_one_process_checkpoints_all_at_a_common_step(tmp_path):
     assert len(steps) == 1 and 1 <= steps[0] < 100, steps
     assert f"preemption notice: saved checkpoint {steps[0]}, stopping" in outs[0]
     assert sorted(_losses(run)) == list(range(1, steps[0] + 1))
+
+
+def test_a_run_locked_elsewhere_stops_every_process(tmp_path):
+    """Only process 0 takes the run lock; when it cannot, process 1 stops too (no hang)."""
+    data = tmp_path / "data"
+    synthesize(data, seed=0, queries_per_doc=1)
+    overrides = [*TINY, f"data.train_path={data}/train.jsonl",
+                 f"data.eval_path={data}/validation.jsonl", f"train.output_dir={tmp_path}",
+                 "train.run_name=busy"]  # fmt: skip
+    with RunLock(tmp_path / "busy"):
+        procs = _start_two_processes(overrides)
+        try:
+            outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(_report("timed out", procs, [p.communicate() for p in procs]))
+    assert [p.returncode for p in procs] == [2, 2], _report("exited", procs, outs)
+    assert f"pid {os.getpid()}" in outs[0][1]  # process 0 names the holder
+    assert "process 0 could not lock it" in outs[1][1]
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]
 
 
 def test_plan_sources_and_errors():
