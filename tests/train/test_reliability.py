@@ -406,3 +406,20 @@ def test_drop_rows_after_rewrites_metrics(tmp_path):
     assert path.read_text() == rows[0] + "\n" + rows[1] + "\n"
     assert drop_rows_after(path, 2) == 0
     assert drop_rows_after(tmp_path / "missing.jsonl", 2) == 0
+
+
+def test_broken_data_iterator_state_is_detected(base, data, tmp_path):
+    """The checkpoint's `data` item (the data-iterator position) is covered by the manifest too:
+    a damaged one is named before the run resumes, and nothing is written."""
+    run = copy_run(base, tmp_path, "r_iter")
+    victims = [p for p in (run / "checkpoints/8/data").rglob("*") if p.is_file()]
+    assert victims, "the checkpoint has no data item"
+    victim = victims[0]
+    victim.write_text('{"broken": ')
+    rel = victim.relative_to(run / "checkpoints/8").as_posix()
+    before = snapshot(run)
+    with pytest.raises(CheckpointError) as e:
+        train(config(data, tmp_path, "r_iter"), quiet=True)
+    assert "checkpoint step 8" in str(e.value) and f"file {rel}" in str(e.value)
+    assert "train.resume_step=6" in str(e.value)
+    assert snapshot(run) == before
