@@ -17,9 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from grc_jax.core.config import Config, config_from_dict
+from grc_jax.core.config import Config, load_config
 from grc_jax.core.errors import CheckpointError, ConfigError
 
 # Config keys (dotted; a section name covers the whole section) that fix the parameter tree (or
@@ -79,8 +77,8 @@ def saved_config(directory: Path) -> Config | None:
     if not path.is_file():
         return None
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()) or {})
-    except (ConfigError, yaml.YAMLError) as e:
+        return load_config(path)
+    except ConfigError as e:
         raise ConfigError(
             f"{path} (the config the run was saved with) cannot be read: {e}; restore it to "
             "resume the run"
