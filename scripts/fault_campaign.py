@@ -13,7 +13,7 @@ After the resume completes, the final parameters must equal those of one uninter
 bit, and `metrics.jsonl` must hold each step once, with the uninterrupted run's losses.
 
 Corruptions (`--corruptions`): a finished run's newest checkpoint gets bytes flipped in its largest
-file, or a file truncated, or its integrity record removed; resuming must stop with exit code 1
+file, or a file truncated, or its integrity record removed; resuming must stop with exit code 2
 and a one-line error naming the step, and `train.resume_step=<older>` must resume.
 
 Usage (from the repository root; about a minute per 5 kills on 2 CPU cores):
@@ -203,7 +203,7 @@ def run_corruptions(data: Path, out: Path, steps: int) -> list[dict]:
         again = grc_train([*args, f"train.steps={steps + 2}"])
         text = again.communicate()[0]
         lines = [line for line in text.splitlines() if "error" in line]
-        detected = again.returncode != 0 and any(steps_dirs[-1] in line for line in lines)
+        detected = again.returncode == 2 and any(steps_dirs[-1] in line for line in lines)
         older = steps_dirs[-2]
         fallback = grc_train([*args, f"train.steps={steps + 2}", f"train.resume_step={older}"])
         fb_text = fallback.communicate()[0]

@@ -41,7 +41,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train; a non-finite loss or an unusable checkpoint raises a `UserError` of exit code 1."""
+    """Train; an unusable checkpoint raises a `UserError` (exit code 2), a non-finite loss a
+    `NonFiniteLossError` (exit code 1: the run failed)."""
     from grc_jax.core import distributed
     from grc_jax.core.config import load_config
 

@@ -39,15 +39,14 @@ class DataError(UserError, ValueError):
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing or cannot be restored (damaged files, non-finite params)."""
 
-    exit_code = 1
-
 
 class RunInUseError(UserError, RuntimeError):
     """Another process holds the run directory's lock (`<run>/.lock`)."""
 
 
 class NonFiniteLossError(UserError, RuntimeError):
-    """Training produced a NaN/inf loss; the last good checkpoint is left as it was."""
+    """Training produced a NaN/inf loss; the last good checkpoint is left as it was. Exit code 1:
+    the run diverged (a failed run, like a crash), not a refused input."""
 
     exit_code = 1
 

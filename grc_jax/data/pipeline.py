@@ -15,10 +15,11 @@ negatives in the same batch. Packing is deterministic and its iterator state is 
 data position is saved with every checkpoint.
 
 Bad data: a line that breaks the schema (`BadLineError`) or a record whose group cannot fit in one
-batch is found when the record is laid out, as grain reads it, and named by `file:line`. It stops
-the run (`DataError`), or with `data.skip_bad_lines` is skipped and counted (`RecordParser`); the
-decision depends on the record alone, so a resumed run skips the same records again. Data without
-a usable record stops at once rather than being read round and round.
+batch is named by `file:line`. Without `data.skip_bad_lines`, `grc train` reads every record before
+step 1 and stops at the first such one (`DataError`); with it, such a record is skipped and counted
+when grain reads it (`RecordParser`); the decision depends on the record alone, so a resumed run
+skips the same records again. Data without a usable record stops at once rather than being read
+round and round.
 """
 
 from __future__ import annotations
@@ -364,8 +365,11 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
+    check_all: bool = False,
 ) -> tuple[grain.IterDataset, RecordParser]:
-    """This process's share of the training batches (local rows = global batch / processes)."""
+    """This process's share of the training batches (local rows = global batch / processes).
+    `check_all`: without `data.skip_bad_lines`, read and lay out every record of `source` first,
+    raising the `DataError` (naming `file:line`) of the first that the pipeline would refuse."""
     if cfg.data.batch_size % process_count:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by {process_count} processes"
@@ -382,13 +386,18 @@ def train_dataset(
     )
     fit = BatchBuilder(**builder_args)
 
-    def to_group(index: int, item: tuple[str, bytes]) -> Group | SkippedLine:
+    def to_group(
+        index: int, item: tuple[str, bytes], keep: bool | None = None
+    ) -> Group | SkippedLine:
         record = parser(item)
         if isinstance(record, SkippedLine):
             record.index = index
             return record
-        # Deterministic per record and epoch position: the same data order gives the same groups.
-        keep = (zlib.crc32(f"{cfg.data.shuffle_seed}:{index}".encode()) % 10_000) >= drop * 10_000
+        if keep is None:
+            # Deterministic per record and epoch position: the same data order gives the same
+            # groups.
+            crc = zlib.crc32(f"{cfg.data.shuffle_seed}:{index}".encode())
+            keep = (crc % 10_000) >= drop * 10_000
         group = make_group(tok, record, k, mode, with_reasoning=keep)
         if not fit.fits_alone(group):
             lengths = [len(e["tokens"]) for e in group.examples]
@@ -405,6 +414,12 @@ def train_dataset(
 
     if len(source) == 0:
         raise no_usable_record(source, [])
+    if check_all and not cfg.data.skip_bad_lines:
+        # Up front, so that a bad line or a record too large for a batch stops the run before
+        # step 1 wherever it sits in the data (each record laid out at its largest: with its
+        # reasoning); with skipping on, such records are skipped and counted as they are read.
+        for index in range(len(source)):
+            to_group(index, source[index], keep=True)
     ds = grain.MapDataset.source(source)
     ds = ds[process_index::process_count]
     part = f" for process {process_index} of {process_count}" if process_count > 1 else ""

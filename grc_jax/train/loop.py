@@ -191,12 +191,13 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
     tok = _shared_tokenizer(cfg, directory)
     mesh = make_mesh(cfg.mesh)
     check_batch_sharding(cfg, mesh.size)
-    state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed), _load_init(cfg))
     # Every process reads the same record stream and packs the same global batch, then places
     # only its devices' rows (`_global_batch`). The batches, and the one data-iterator state that
     # is checkpointed, are then the same for any number of processes: a run resumes exactly on a
     # slice of another size, and N processes compute what one process with as many devices does.
-    ds, parser = train_dataset(cfg, tok, open_source(cfg.data.train_path))
+    # Every record is checked here, before any state is built (`check_all`).
+    ds, parser = train_dataset(cfg, tok, open_source(cfg.data.train_path), check_all=True)
+    state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed), _load_init(cfg))
     data_iter = iter(ds)
     ckpts = RunCheckpoints(directory / "checkpoints", cfg.train.keep_checkpoints)
     state, start = _resume(cfg, saved, ckpts, state, data_iter)

@@ -35,9 +35,8 @@ def _cases(data: Path, bad: Path) -> dict[str, tuple[list[str], str]]:
         "blank": _write(bad, "blank.jsonl", "\n\n\n"),
         "bad_line": _write(bad, "bad_line.jsonl", "\n".join([*good[:20], "{]"]) + "\n"),
         "missing_field": _write(bad, "missing.jsonl", json.dumps({"query": "q"}) + "\n"),
-        # Only the large record: the pipeline meets it in the first batch (a record is checked
-        # when the pipeline reads it, so one later in the data would stop the run at its step).
-        "oversized": _write(bad, "big.jsonl", json.dumps(huge) + "\n"),
+        # The large record last, after 200 good ones: every record is checked before step 1.
+        "oversized": _write(bad, "big.jsonl", "\n".join([*good[:200], json.dumps(huge)]) + "\n"),
     }
     f = {k: str(v) for k, v in files.items()}
     return {
@@ -55,7 +54,7 @@ def _cases(data: Path, bad: Path) -> dict[str, tuple[list[str], str]]:
             [f"data.train_path={f['missing_field']}"], f"{f['missing_field']}:1: field 'positive'"
         ),
         "a record too large for a batch": (
-            [f"data.train_path={f['oversized']}"], f"{f['oversized']}:1: the record's group"
+            [f"data.train_path={f['oversized']}"], f"{f['oversized']}:201: the record's group"
         ),
         "missing data file": (
             [f"data.train_path={bad / 'nope.jsonl'}"], f"{bad / 'nope.jsonl'}"

@@ -157,14 +157,17 @@ def test_os_error_on_a_named_path_is_a_user_error(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("grc tokenizer: error: ") and str(missing) in err[0]
 
 
-@pytest.mark.parametrize("error", [NonFiniteLossError, CheckpointError])
-def test_train_keeps_exit_1_for_non_finite_loss_and_checkpoints(error, monkeypatch, capsys):
+@pytest.mark.parametrize("error, code", [(NonFiniteLossError, 1), (CheckpointError, 2)])
+def test_train_exit_codes_for_non_finite_loss_and_checkpoints(error, code, monkeypatch, capsys):
+    """A diverged run exits 1; a checkpoint that cannot be used is a named error like any other
+    (exit 2)."""
+
     def fails(args):
         raise error("step 3: loss is nan\nlast good checkpoint (step 2) kept")
 
     monkeypatch.setattr("grc_jax.cli.train.run_train", fails)
     capsys.readouterr()
-    assert main(["train", "--config", "configs/tiny.yaml"]) == 1
+    assert main(["train", "--config", "configs/tiny.yaml"]) == code
     assert _stderr_lines(capsys) == [
         "grc train: error: step 3: loss is nan last good checkpoint (step 2) kept"
     ]

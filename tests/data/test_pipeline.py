@@ -555,6 +555,22 @@ def test_oversized_record_is_named_by_file_and_line(sp_tok, big_jsonl):
     assert "data.skip_bad_lines=true" in msg
 
 
+def test_check_all_refuses_bad_records_up_front(sp_tok, big_jsonl, tmp_path):
+    """`check_all` (what `grc train` uses) stops at construction, before any batch is read."""
+    path, records = big_jsonl
+    with pytest.raises(DataError, match=rf"^{path}:5: the record's group of 4 examples \("):
+        train_dataset(tiny_config(), sp_tok, JsonlSource(path), check_all=True)
+    bad = tmp_path / "bad_last.jsonl"
+    bad.write_text(path.read_text().replace(records[4]["positive"], "x") + "{]\n")
+    with pytest.raises(BadLineError, match=rf"^{bad}:25: not valid JSON"):
+        train_dataset(tiny_config(), sp_tok, JsonlSource(bad), check_all=True)
+    # With skipping on nothing is read up front: the records are skipped and counted later.
+    ds, parser = train_dataset(
+        tiny_config("data.skip_bad_lines=true"), sp_tok, JsonlSource(path), check_all=True
+    )
+    assert parser.bad_lines == 0
+
+
 def test_oversized_record_is_skipped_and_again_after_a_restore(sp_tok, big_jsonl):
     path, records = big_jsonl
     cfg = tiny_config("data.skip_bad_lines=true")
