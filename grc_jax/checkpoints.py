@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from grc_jax.adapter import base_cache_dir, check_base, is_adapter_dir, load_adapter, read_info
 from grc_jax.core.config import Config, load_config
 from grc_jax.core.errors import CheckpointError, MissingPathError, ModelLoadError
 from grc_jax.core.trees import path_names
@@ -314,9 +315,12 @@ def model_kind(path: Path) -> str:
         raise MissingPathError(f"model path {str(path)!r} does not exist")
     if not path.is_dir() or not (path / "config.yaml").is_file():
         raise ModelLoadError(
-            f"model path {str(path)!r} is neither a `grc train` run directory nor a "
-            "`grc import-hf` directory (expected a directory with config.yaml)"
+            f"model path {str(path)!r} is neither a `grc train` run directory, a "
+            "`grc import-hf` directory nor a `grc adapter` directory (expected a directory with "
+            "config.yaml)"
         )
+    if is_adapter_dir(path):
+        return "adapter"
     if (path / "checkpoints").is_dir():
         return "run"
     if (path / "params").is_dir():
@@ -357,15 +361,24 @@ def model_tokenizer(cfg: Config, path: Path) -> Tokenizer:
     return tok
 
 
-def load_model(path: str | Path, step: int | None = None) -> tuple[Config, GRCParams, Tokenizer]:
-    """(config, params, tokenizer) of a run or import directory.
+def load_model(
+    path: str | Path, step: int | None = None, base: str | Path | None = None
+) -> tuple[Config, GRCParams, Tokenizer]:
+    """(config, params, tokenizer) of a run, import or adapter directory.
 
     Args:
-      path: `runs/<name>` written by `grc train`, or a `grc import-hf` output directory.
-      step: checkpoint step of a run (default: the newest); not allowed for an import directory.
+      path: `runs/<name>` written by `grc train`, a `grc import-hf` output directory, or a
+        `grc adapter` directory.
+      step: checkpoint step of a run (default: the newest); not allowed for the others.
+      base: an adapter's base, a `grc import-hf` directory of exactly the files the adapter
+        records (default: where `grc_jax.convert.adapter.ensure_base` prepares it).
     """
     path = Path(path)
     kind = model_kind(path)
+    if kind == "adapter":
+        if step is not None:
+            raise ModelLoadError(f"{str(path)!r} is an adapter: it has no steps (got step={step})")
+        return _load_adapter(path, base)
     cfg = load_config(path / "config.yaml")
     if kind == "run":
         params, _ = restore_params(cfg, path, step)
@@ -379,3 +392,19 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[Config, GRCPa
         full = init_grc_params(cfg, jax.random.key(cfg.train.seed), model_params)
         params = GRCParams(model=full.model, head=full.head)
     return cfg, params, model_tokenizer(cfg, path)
+
+
+def _load_adapter(path: Path, base: str | Path | None) -> tuple[Config, GRCParams, Tokenizer]:
+    info = read_info(path)
+    if base is None:
+        cfg = load_config(path / "config.yaml")
+        base = base_cache_dir(info, cfg.model.scan_layers, cfg.grc.num_latents)
+        if not (base / "import_info.json").is_file():
+            raise ModelLoadError(
+                f"adapter {str(path)!r}: its base model is not prepared at {str(base)!r}; the "
+                "`grc` commands prepare it (or call grc_jax.convert.adapter.ensure_base)"
+            )
+    check_base(path, base, info)
+    base_cfg, base_model = load_imported(base)
+    cfg, params = load_adapter(path, base_cfg, base_model)
+    return cfg, params, model_tokenizer(base_cfg, Path(base))

@@ -22,6 +22,9 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
+    "adapter": Command(
+        "grc_jax.cli.convert", "save a frozen-base run's adapter (latents, head, LoRA)"
+    ),
     "aot": Command(
         "grc_jax.cli.aot", "compile the train step for a TPU slice, without one: memory"
     ),

@@ -106,3 +106,27 @@ def run_export(args: argparse.Namespace) -> int:
         f"{len(result.files)} files) -> {result.out}"
     )
     return 0
+
+
+# ---------------------------------------------------------------------------------- adapter
+
+
+def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a `grc train` run with train.freeze_base=true")
+    p.add_argument("--out", required=True, help="adapter directory to write (empty unless --force)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--force", action="store_true", help="overwrite the adapter files in --out")
+
+
+def run_adapter(args: argparse.Namespace) -> int:
+    from grc_jax.cli._paths import user_paths
+    from grc_jax.convert.adapter import export_adapter
+
+    with user_paths(*_PATH_ERRORS):
+        info = export_adapter(args.run, args.out, args.step, force=args.force)
+    where = info["base"].get("package") or {"name": info["base"]["source"]}
+    print(
+        f"adapter of {args.run} step {info['source']['step']}: {info['num_params'] / 1e6:.2f}M "
+        f"params, {info['bytes'] / 1e6:.1f} MB; base {where['name']} -> {args.out}"
+    )
+    return 0

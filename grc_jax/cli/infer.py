@@ -60,7 +60,7 @@ def _engine(args: argparse.Namespace):
     """
     path = Path(args.model)
     stamp = []
-    for f in (path / "config.yaml", path / "checkpoints", path / "params"):
+    for f in (path / "config.yaml", path / "checkpoints", path / "params", path / "adapter.json"):
         stamp.append(f.stat().st_mtime_ns if f.exists() else None)
     impl = getattr(args, "attention_impl", "auto")
     return _cached_engine(args.model, args.step, impl, (str(path.absolute()), *stamp))
@@ -68,9 +68,13 @@ def _engine(args: argparse.Namespace):
 
 @functools.lru_cache(maxsize=2)
 def _cached_engine(path: str, step: int | None, attention_impl: str, _identity: tuple):
+    from grc_jax.adapter import is_adapter_dir
     from grc_jax.checkpoints import load_model
+    from grc_jax.convert.adapter import ensure_base
     from grc_jax.infer.engine import Engine, EngineOptions
 
+    if is_adapter_dir(path):
+        ensure_base(path)
     cfg, params, tok = load_model(path, step)
     return Engine(cfg, params, tok, EngineOptions(attention_impl=attention_impl))
 

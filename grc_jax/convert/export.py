@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import grc_jax
-from grc_jax.checkpoints import checkpoint_steps, load_model
+from grc_jax.adapter import is_adapter_dir
+from grc_jax.checkpoints import checkpoint_steps, load_model, model_kind
+from grc_jax.convert.adapter import ensure_base
 from grc_jax.convert.export_tokenizer import tokenizer_files
 from grc_jax.convert.hf_config import hf_config_from_model
 from grc_jax.convert.hf_import import TOKENIZER_FILES, load_hf_dir, read_safetensors
@@ -421,12 +423,15 @@ def export_checkpoint(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> ExportResult:
-    """Export a run (newest checkpoint, or `step`), a `checkpoints/<step>` dir or an import dir."""
+    """Export a run (newest checkpoint, or `step`), a `checkpoints/<step>` dir, an import dir or
+    an adapter (over its base)."""
     export_dtype(dtype)
     check_output(out, force)  # fail before the (slow) load
     model_dir, step = resolve_checkpoint(ckpt, step)
+    if is_adapter_dir(model_dir):
+        ensure_base(model_dir)
     cfg, params, tok = load_model(model_dir, step)
-    kind = "run" if (model_dir / "checkpoints").is_dir() else "import"
+    kind = model_kind(model_dir)
     if kind == "run" and step is None:
         step = checkpoint_steps(model_dir)[-1]
     source = {"path": str(model_dir.absolute()), "kind": kind, "step": step}

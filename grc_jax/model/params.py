@@ -37,6 +37,12 @@ class GRCParams:
         return merge_lora(self.model, self.lora, scanned)
 
 
+def is_adapter_leaf(names: tuple[str, ...]) -> bool:
+    """Whether the `GRCParams` leaf at path `names` is trained with `train.freeze_base` (the
+    latent table, the embedding head, LoRA factors): the leaves an adapter carries."""
+    return names[0] in ("head", "lora") or "latents" in names
+
+
 def init_grc_params(cfg: Config, rng: jax.Array, model_params: Any | None = None) -> GRCParams:
     """Fresh params; `model_params` (e.g. an imported model) replaces the random transformer."""
     r_model, r_head, r_lora = jax.random.split(rng, 3)

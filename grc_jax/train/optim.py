@@ -14,6 +14,7 @@ import optax
 
 from grc_jax.core.config import TrainConfig
 from grc_jax.core.trees import path_names
+from grc_jax.model.params import is_adapter_leaf
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -49,8 +50,7 @@ def trainable_labels(params: Any, tc: TrainConfig) -> Any:
         names = path_names(path)
         if not tc.freeze_base and tc.lora_rank == 0:
             return "train"
-        keep = names[0] in ("head", "lora") or "latents" in names
-        return "train" if keep else "frozen"
+        return "train" if is_adapter_leaf(names) else "frozen"
 
     return jax.tree_util.tree_map_with_path(label, params)
 

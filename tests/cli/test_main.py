@@ -17,8 +17,8 @@ from grc_jax.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("jax", "numpy", "orbax", "grain", "transformers", "torch", "flax")
 NAMES = [
-    "aot", "compress", "data", "embed", "eval", "export", "generate", "import-hf", "index", "rag",
-    "tokenizer", "train", "update",
+    "adapter", "aot", "compress", "data", "embed", "eval", "export", "generate", "import-hf",
+    "index", "rag", "tokenizer", "train", "update",
 ]  # fmt: skip
 
 

@@ -13,7 +13,8 @@ PACKAGE = ROOT / "grc_jax"
 # Rank of each top-level part of grc_jax; a module may import only its own rank or lower.
 # train and infer share a rank but must not import each other.
 LAYERS = {
-    "__init__": 0, "core": 0, "model": 1, "data": 2, "checkpoints": 3, "integrity": 3, "train": 4,
+    "__init__": 0, "core": 0, "model": 1, "data": 2, "checkpoints": 3, "integrity": 3, "adapter": 3,
+    "train": 4,
     "infer": 4,
     "convert": 5, "cli": 6,
 }  # fmt: skip
