@@ -309,6 +309,19 @@ class DataConfig(_Section):
     # Fraction of training queries laid out without their reasoning/answer, so that embedding a
     # bare query (no self-reasoning) is also a trained case.
     reasoning_dropout: float = _num(0.25, ge=0, le=1)
+    # Extra layouts (DESIGN.md 4) added to a chosen fraction of the records' groups, so that the
+    # inference modes reading several memories or a running memory are trained. RAG example
+    # (grc.memory_mode=independent): rag_memories compressed documents, the positive among hard
+    # negatives, then the query generating the first rag_target_tokens tokens of the positive
+    # (or its compress_target). Recurrent chain (grc.memory_mode=recurrent): the positive cut
+    # into chunks of chunk_tokens tokens (at most max_chunks; a one-chunk document makes none),
+    # each compressed reading the previous memory, then the last chunk regenerated.
+    rag_fraction: float = _num(0.0, ge=0, le=1, note="0: no RAG examples")
+    rag_memories: int = _num(3, ge=2)
+    rag_target_tokens: int = _num(64, ge=1)
+    recurrent_fraction: float = _num(0.0, ge=0, le=1, note="0: no recurrent chains")
+    chunk_tokens: int = _num(32, ge=1)
+    max_chunks: int = _num(4, ge=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +374,20 @@ class Config(_Section):
             _join(key, "train.microbatches"),
             f"a divisor of data.batch_size={self.data.batch_size} (GradCache microbatches)",
             self.train.microbatches,
+        )
+        mode = self.grc.memory_mode
+        # A recurrent consumer reads only the last memory; an independent block no earlier one.
+        _check(
+            self.data.rag_fraction == 0 or mode == "independent",
+            _join(key, "data.rag_fraction"),
+            f"0 with grc.memory_mode={mode} (a RAG example reads several memories: independent)",
+            self.data.rag_fraction,
+        )
+        _check(
+            self.data.recurrent_fraction == 0 or mode == "recurrent",
+            _join(key, "data.recurrent_fraction"),
+            f"0 with grc.memory_mode={mode} (a chain reads the previous memory: recurrent)",
+            self.data.recurrent_fraction,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,15 +1,11 @@
 """The GRC training pipeline on grain: records -> token groups -> packed, checkpointable batches.
 
-One record (a query, its positive and hard negatives) becomes a **group** of examples laid out as
-in DESIGN.md section 4:
+One record (a query, its positive and hard negatives) becomes a **group** of examples
+(`grc_jax.data.groups`, DESIGN.md section 4): a query and its documents, plus for a chosen
+fraction of records a RAG example (`data.rag_fraction`) or a recurrent chain
+(`data.recurrent_fraction`). `loss_targets` derives the next-token targets and which of them count
+for `L_gen` or `L_comp` from the packed rows alone.
 
-    query:    block 0 [TEXT bos+query] [GEN reasoning + "answer : ..." + eos] [LATENT x K]
-              block 1 [TEXT bos] [GEN query + eos]                  (reconstruct from the memory)
-    document: block 0 [TEXT bos+doc] [LATENT x K]
-              block 1 [TEXT bos] [GEN compress_target or doc + eos]
-
-A consumer block opens with a TEXT `bos` so that its first target is predicted from inside the
-block (a latent memory holds K/V, not the hidden state of the previous block's last latent).
 Groups are packed whole into the rows of one batch, so every query meets its positive and hard
 negatives in the same batch. Packing is deterministic and its iterator state is small, so the
 data position is saved with every checkpoint.
@@ -18,13 +14,13 @@ Bad data: a line that breaks the schema (`BadLineError`) or a record whose group
 batch is named by `file:line`. Without `data.skip_bad_lines`, `grc train` reads every record before
 step 1 and stops at the first such one (`DataError`); with it, such a record is skipped and counted
 when grain reads it (`RecordParser`); the decision depends on the record alone, so a resumed run
-skips the same records again. Data without a usable record stops at once rather than being read
-round and round.
+skips the same records again. (A RAG example or chain that would make a fitting group too large is
+left out instead: it is optional.) Data without a usable record stops at once rather than being
+read round and round.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from typing import Any
 
@@ -34,59 +30,45 @@ import numpy as np
 from grc_jax.core.batch import ROW_FIELDS, Batch, Rows
 from grc_jax.core.config import Config
 from grc_jax.core.errors import ConfigError, DataError
-from grc_jax.core.roles import DOC, GEN, LATENT, QUERY
-from grc_jax.data.layout import Example, gen, latents, layout_example, text
+from grc_jax.core.roles import GEN, LATENT
+from grc_jax.data.groups import Group, extra_examples, make_group
+from grc_jax.data.layout import layout_example
 from grc_jax.data.schema import BadLineError, GRCRecord, parse_record
 from grc_jax.data.sources import no_usable_record
 from grc_jax.data.tokenizer import Tokenizer
 
 
-def doc_hash(text_: str) -> int:
-    return zlib.crc32(text_.encode()) & 0x7FFFFFFF
-
-
-@dataclasses.dataclass
-class Group:
-    """Laid-out examples of one record plus their slot metadata (kind, is-positive, doc hash)."""
-
-    examples: list[dict[str, np.ndarray]]
-    kinds: list[int]
-    positive: list[int]
-    docs: list[int]
-
-
-def query_example(tok: Tokenizer, record: GRCRecord, k: int, with_reasoning: bool) -> Example:
-    block0 = [text([tok.bos_id, *tok.encode(record.query)])]
-    if with_reasoning and (record.reasoning or record.answer):
-        parts = [record.reasoning] if record.reasoning else []
-        if record.answer:
-            parts.append(f"answer : {record.answer}")
-        block0.append(gen([*tok.encode(" ".join(parts)), tok.eos_id]))
-    block0.append(latents(k))
-    block1 = [text([tok.bos_id]), gen([*tok.encode(record.query), tok.eos_id])]
-    return [block0, block1]
-
-
-def document_example(tok: Tokenizer, doc: str, target: str | None, k: int) -> Example:
-    block0 = [text([tok.bos_id, *tok.encode(doc)]), latents(k)]
-    block1 = [text([tok.bos_id]), gen([*tok.encode(target or doc), tok.eos_id])]
-    return [block0, block1]
-
-
-def make_group(
-    tok: Tokenizer, record: GRCRecord, k: int, memory_mode: str, with_reasoning: bool
-) -> Group:
-    examples = [query_example(tok, record, k, with_reasoning)]
-    examples.append(document_example(tok, record.positive, record.compress_target, k))
-    examples += [document_example(tok, n, None, k) for n in record.negatives]
-    laid = [layout_example(e, k, memory_mode) for e in examples]
-    n_docs = 1 + len(record.negatives)
-    return Group(
-        examples=laid,
-        kinds=[QUERY] + [DOC] * n_docs,
-        positive=[0, 1] + [0] * len(record.negatives),
-        docs=[doc_hash(record.positive)] * 2 + [doc_hash(n) for n in record.negatives],
-    )
+def consumer_tokens(
+    segment_ids: np.ndarray, block_ids: np.ndarray, roles: np.ndarray
+) -> np.ndarray:
+    """`[B, T]` bool: the token's block is a consumer block, i.e. it holds no latents and comes
+    after the first compression block (a block with latents) of its example. Ids are
+    non-negative (as packing makes them); segments and blocks need not be contiguous."""
+    b = segment_ids.shape[0]
+    # Whole batches at once, keyed by (row, segment) and (row, segment, block).
+    n_seg = int(segment_ids.max(initial=0)) + 1
+    n_blk = int(block_ids.max(initial=0)) + 1
+    seg_key = np.arange(b, dtype=np.int64)[:, None] * n_seg + segment_ids
+    blk_key = seg_key * n_blk + block_ids
+    latent_keys = blk_key[roles == LATENT]
+    if b * n_seg * n_blk <= max(4 * segment_ids.size, 1 << 16):
+        # A table [example, block] -> holds latents (small for packed rows: few examples a row,
+        # few blocks an example).
+        table = np.zeros((b * n_seg, n_blk), bool)
+        table.reshape(-1)[latent_keys] = True
+        in_compression = table.reshape(-1)[blk_key]
+        first = np.where(table.any(axis=1), table.argmax(axis=1), n_blk)
+    else:
+        # Ids too sparse for a table: the sorted compression-block keys instead.
+        comp = np.unique(latent_keys)
+        found = np.searchsorted(comp, blk_key).clip(max=max(comp.size - 1, 0))
+        in_compression = comp[found] == blk_key if comp.size else np.zeros(blk_key.shape, bool)
+        example = comp // n_blk
+        starts = np.ones(comp.size, bool)
+        starts[1:] = example[1:] != example[:-1]  # the first (lowest) block of each example
+        first = np.full(b * n_seg, n_blk, np.int64)
+        first[example[starts]] = comp[starts] % n_blk
+    return ~in_compression & (block_ids > first[seg_key])
 
 
 def loss_targets(rows: Rows) -> dict[str, np.ndarray]:
@@ -100,20 +82,9 @@ def loss_targets(rows: Rows) -> dict[str, np.ndarray]:
         (roles[:, 1:] == GEN) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
         & (blk[:, 1:] == blk[:, :-1])
     )  # fmt: skip
-    # A target counts for L_comp when its block is a consumer block: no latents of its own and
-    # an earlier compression block in its example to read. Every other GEN target (compression
-    # blocks, and plain generation examples without any latents) counts for L_gen.
-    key = seg.astype(np.int64) * 65536 + blk
-    consumer = np.zeros((b, t), bool)
-    for r in range(b):
-        latent_keys = np.unique(key[r][roles[r] == LATENT])
-        in_comp = np.isin(key[r], latent_keys)
-        first_comp = {}  # segment -> first compression block id
-        for k in latent_keys.tolist():
-            s_, b_ = divmod(k, 65536)
-            first_comp[s_] = min(b_, first_comp.get(s_, b_))
-        after = np.array([blk[r, i] > first_comp.get(seg[r, i], 1 << 30) for i in range(t)])
-        consumer[r] = ~in_comp & after
+    # A target counts for L_comp when its block is a consumer block (consumer_tokens); every
+    # other GEN target (compression blocks, plain generation examples) counts for L_gen.
+    consumer = consumer_tokens(seg, blk, roles)
     target_consumer = np.zeros((b, t), bool)
     target_consumer[:, :-1] = consumer[:, 1:]
     return {
@@ -410,6 +381,13 @@ def train_dataset(
                 "or data.batch_size, shorten the record or its negatives, or set "
                 "data.skip_bad_lines=true to skip it",
             )
+        # A RAG example or chain trains extra layouts; if it would not fit in a batch with the
+        # group it is left out (the record itself fits, so it is not a bad record).
+        extra = extra_examples(tok, record, index, k, cfg.data)
+        if extra:
+            bigger = group.with_extra([layout_example(e, k, mode) for e in extra])
+            if fit.fits_alone(bigger):
+                return bigger
         return group
 
     if len(source) == 0:

@@ -64,7 +64,8 @@ def test_defaults_and_bundled_configs_pass():
         load_config(path)
 
 
-# (override, dotted key, expected: what the message says after "expected", got)
+# (override or tuple of overrides, dotted key, expected: what the message says after "expected",
+# got)
 BAD = [
     # the values issue 11 names
     ("train.min_lr_ratio=-5", "train.min_lr_ratio", "a number in [0, 1]", "-5"),
@@ -113,6 +114,20 @@ BAD = [
     ("data.batch_size=-8", "data.batch_size", "a positive integer (>= 1)", "-8"),
     ("data.reasoning_dropout=1.01", "data.reasoning_dropout", "a number in [0, 1]", "1.01"),
     ("data.shuffle_seed=-1", "data.shuffle_seed", "an integer in [0, 4294967295]", "-1"),
+    ("data.rag_fraction=-0.1", "data.rag_fraction", "a number in [0, 1] (0: no RAG examples)",
+     "-0.1"),
+    ("data.recurrent_fraction=2", "data.recurrent_fraction",
+     "a number in [0, 1] (0: no recurrent chains)", "2"),
+    ("data.rag_memories=1", "data.rag_memories", "an integer >= 2", "1"),
+    ("data.rag_target_tokens=0", "data.rag_target_tokens", "a positive integer (>= 1)", "0"),
+    ("data.chunk_tokens=0", "data.chunk_tokens", "a positive integer (>= 1)", "0"),
+    ("data.max_chunks=1", "data.max_chunks", "an integer >= 2", "1"),
+    # a RAG example reads several memories, a chain the previous one: each needs its mode
+    (("grc.memory_mode=recurrent", "data.rag_fraction=0.5"), "data.rag_fraction",
+     "0 with grc.memory_mode=recurrent (a RAG example reads several memories: independent)",
+     "0.5"),
+    ("data.recurrent_fraction=0.5", "data.recurrent_fraction",
+     "0 with grc.memory_mode=independent (a chain reads the previous memory: recurrent)", "0.5"),
     # train
     ("train.steps=0", "train.steps", "a positive integer (>= 1)", "0"),
     ("train.warmup_steps=-1", "train.warmup_steps", "a non-negative integer (>= 0)", "-1"),
@@ -128,10 +143,10 @@ BAD = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("override, key, expected, got", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("override, key, expected, got", BAD, ids=[str(b[0]) for b in BAD])
 def test_out_of_range_value_names_key_range_and_value(override, key, expected, got):
     with pytest.raises(ConfigError) as err:
-        config_from_dict({}, [override])
+        config_from_dict({}, [override] if isinstance(override, str) else override)
     assert str(err.value) == f"config key '{key}': expected {expected}, got {got}"
 
 
@@ -148,7 +163,8 @@ def test_bounds_themselves_are_allowed():
         ["train.min_lr_ratio=0", "data.reasoning_dropout=1", "train.weight_decay=0",
          "train.warmup_steps=0", "train.export_every=0", "grc.loss_weights.gen=0",
          "grc.latent_init_noise=0", "train.seed=4294967295", "grc.projection_dim=null",
-         "mesh.data=1", "mesh.tensor=-1", "train.microbatches=8"],
+         "mesh.data=1", "mesh.tensor=-1", "train.microbatches=8", "data.rag_fraction=1",
+         "data.rag_memories=2", "data.max_chunks=2", "data.chunk_tokens=1"],
     )  # fmt: skip
     assert cfg.train.min_lr_ratio == 0.0 and cfg.mesh.tensor == -1
 

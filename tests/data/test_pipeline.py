@@ -3,115 +3,23 @@ dataset (shapes, positives in-batch, resumable state, per-process shards, bad li
 skipped records counted once and again after a resume, data without a usable record)."""
 
 import dataclasses
+import hashlib
 import json
+import zlib
 
 import numpy as np
 import pytest
 
 from grc_jax.core.batch import ROW_FIELDS, Batch, Rows
 from grc_jax.core.errors import DataError
-from grc_jax.core.roles import GEN, LATENT, PAD, TEXT
-from grc_jax.data.layout import gen, latents, layout_example, text
-from grc_jax.data.pipeline import (
-    DOC,
-    QUERY,
-    BatchBuilder,
-    Group,
-    doc_hash,
-    document_example,
-    loss_targets,
-    make_group,
-    query_example,
-    slots_per_row,
-    train_dataset,
-)
-from grc_jax.data.schema import BadLineError, GRCRecord
+from grc_jax.core.roles import DOC, GEN, LATENT, PAD, QUERY, TEXT
+from grc_jax.data.layout import gen, latents, layout_example, pack_examples, text
+from grc_jax.data.pipeline import BatchBuilder, Group, loss_targets, slots_per_row, train_dataset
+from grc_jax.data.schema import BadLineError
 from grc_jax.data.sources import JsonlSource
 from tests.data.conftest import tiny_config, write_jsonl
 
 T, G, L, P = int(TEXT), int(GEN), int(LATENT), int(PAD)
-
-# ---------------------------------------------------------------------------------------------
-# Example structure, with a word-level tokenizer whose ids are known
-
-
-class WordTok:
-    vocab_size = 32
-    pad_id, bos_id, eos_id = 0, 2, 3
-    WORDS = ["q1", "q2", "r1", "answer", ":", "a1", "d1", "d2", "t1", "n1", "n2"]
-    IDS = {w: i for i, w in enumerate(WORDS, start=10)}
-
-    def encode(self, s: str) -> list[int]:
-        return [self.IDS[w] for w in s.split()]
-
-    def decode(self, ids) -> str:
-        return " ".join(self.WORDS[i - 10] for i in ids if i >= 10)
-
-
-TOK = WordTok()
-q1, q2, r1, ANS, COLON, a1, d1, d2, t1, n1, n2 = range(10, 21)
-BOS, EOS = 2, 3
-RECORD = GRCRecord(
-    query="q1 q2", positive="d1 d2", reasoning="r1", answer="a1", negatives=("n1", "n2")
-)
-
-
-def test_query_example_with_reasoning():
-    got = query_example(TOK, RECORD, k=3, with_reasoning=True)
-    assert [list(b) for b in got] == [
-        [text([BOS, q1, q2]), gen([r1, ANS, COLON, a1, EOS]), latents(3)],
-        [text([BOS]), gen([q1, q2, EOS])],
-    ]
-
-
-def test_query_example_reasoning_parts():
-    no_reasoning = GRCRecord(query="q1", positive="d1", answer="a1")
-    assert query_example(TOK, no_reasoning, 2, True)[0][1] == gen([ANS, COLON, a1, EOS])
-    no_answer = GRCRecord(query="q1", positive="d1", reasoning="r1")
-    assert query_example(TOK, no_answer, 2, True)[0][1] == gen([r1, EOS])
-    bare = GRCRecord(query="q1", positive="d1")
-    assert list(query_example(TOK, bare, 2, True)[0]) == [text([BOS, q1]), latents(2)]
-
-
-def test_query_example_without_reasoning():
-    got = query_example(TOK, RECORD, k=3, with_reasoning=False)
-    assert [list(b) for b in got] == [
-        [text([BOS, q1, q2]), latents(3)],
-        [text([BOS]), gen([q1, q2, EOS])],
-    ]
-
-
-def test_document_example():
-    assert [list(b) for b in document_example(TOK, "d1 d2", None, 2)] == [
-        [text([BOS, d1, d2]), latents(2)],
-        [text([BOS]), gen([d1, d2, EOS])],
-    ]
-    assert list(document_example(TOK, "d1 d2", "t1", 2)[1]) == [text([BOS]), gen([t1, EOS])]
-
-
-def test_make_group():
-    record = GRCRecord(**{**RECORD.__dict__, "compress_target": "t1"})
-    group = make_group(TOK, record, 2, "independent", with_reasoning=True)
-    assert group.kinds == [QUERY, DOC, DOC, DOC]
-    assert group.positive == [0, 1, 0, 0]
-    assert group.docs == [doc_hash("d1 d2"), doc_hash("d1 d2"), doc_hash("n1"), doc_hash("n2")]
-    assert len(set(group.docs[1:])) == 3
-    want = [
-        query_example(TOK, record, 2, True),
-        document_example(TOK, "d1 d2", "t1", 2),
-        document_example(TOK, "n1", None, 2),  # negatives reconstruct themselves
-        document_example(TOK, "n2", None, 2),
-    ]
-    assert len(group.examples) == len(want)
-    for ex, w in zip(group.examples, want, strict=True):
-        expected = layout_example(w, 2, "independent")
-        assert set(ex) == set(expected)
-        for key in expected:
-            np.testing.assert_array_equal(ex[key], expected[key], err_msg=key)
-    # The query's reasoning depends on with_reasoning.
-    bare = make_group(TOK, record, 2, "independent", with_reasoning=False)
-    assert len(bare.examples[0]["tokens"]) == len(group.examples[0]["tokens"]) - 5
-
 
 # ---------------------------------------------------------------------------------------------
 # loss_targets on a hand-built packed batch
@@ -169,6 +77,97 @@ def test_loss_targets_hand_built():
     for key, want in (("gen_weights", want_gen), ("comp_weights", want_comp)):
         assert got[key].dtype == np.float32, key
         np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+
+def _loss_targets_reference(rows: Rows) -> dict[str, np.ndarray]:
+    """`loss_targets` as first written (a Python loop per row and per token), kept as the
+    reference for the vectorised one."""
+    tokens, seg, blk, roles = rows.tokens, rows.segment_ids, rows.block_ids, rows.roles
+    b, t = tokens.shape
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    nxt = np.zeros((b, t), bool)
+    nxt[:, :-1] = (
+        (roles[:, 1:] == G) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+        & (blk[:, 1:] == blk[:, :-1])
+    )  # fmt: skip
+    key = seg.astype(np.int64) * 65536 + blk
+    consumer = np.zeros((b, t), bool)
+    for r in range(b):
+        latent_keys = np.unique(key[r][roles[r] == L])
+        in_comp = np.isin(key[r], latent_keys)
+        first_comp = {}  # segment -> first compression block id
+        for k in latent_keys.tolist():
+            s_, b_ = divmod(k, 65536)
+            first_comp[s_] = min(b_, first_comp.get(s_, b_))
+        after = np.array([blk[r, i] > first_comp.get(seg[r, i], 1 << 30) for i in range(t)])
+        consumer[r] = ~in_comp & after
+    target_consumer = np.zeros((b, t), bool)
+    target_consumer[:, :-1] = consumer[:, 1:]
+    return {
+        "targets": targets,
+        "gen_weights": (nxt & ~target_consumer).astype(np.float32),
+        "comp_weights": (nxt & target_consumer).astype(np.float32),
+    }
+
+
+def _random_example(rng, k):
+    """1-6 blocks, each a compression block (TEXT / GEN spans + K latents) or a consumer block
+    (TEXT / GEN spans), in any order: RAG-, chain-, query- and plain-generation-like shapes."""
+    blocks = []
+    for _ in range(rng.integers(1, 7)):
+        spans = [
+            (text if rng.random() < 0.5 else gen)(rng.integers(4, 50, size=rng.integers(1, 6)))
+            for _ in range(rng.integers(1, 4))
+        ]
+        blocks.append(spans + [latents(k)] if rng.random() < 0.5 else spans)
+    return blocks
+
+
+def _assert_targets_equal(got, want):
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize("mode", ["independent", "recurrent"])
+def test_loss_targets_equals_the_reference_on_random_packed_batches(mode):
+    rng = np.random.default_rng(12)
+    for _ in range(60):
+        k = int(rng.integers(1, 5))
+        seq = int(rng.choice([24, 64, 160]))
+        examples = [_random_example(rng, k) for _ in range(rng.integers(1, 25))]
+        examples = [e for e in examples if len(layout_example(e, k, mode)["tokens"]) <= seq]
+        rows = pack_examples(examples, seq, k, mode)
+        want = _loss_targets_reference(rows)
+        _assert_targets_equal(loss_targets(rows), want)
+        # Sparse ids (the same examples and blocks, relabelled in order) take the sorted-key
+        # path instead of the table: the same answer.
+        if not examples:
+            continue
+        seg, blk = rows.segment_ids * 1000, rows.block_ids * 1000 + 5
+        assert len(seg) * (int(seg.max()) + 1) * (int(blk.max()) + 1) > 4 * seg.size + (1 << 16)
+        sparse = dataclasses.replace(rows, segment_ids=seg, block_ids=blk)
+        _assert_targets_equal(loss_targets(sparse), want)
+    empty = pack_examples([], 8, 2, mode)  # no rows at all
+    _assert_targets_equal(loss_targets(empty), _loss_targets_reference(empty))
+
+
+def test_loss_targets_equals_the_reference_on_pipeline_batches(sp_tok, synth_dir):
+    src = JsonlSource(synth_dir / "train.jsonl")
+    for overrides in (
+        [],
+        ["data.rag_fraction=0.5"],
+        ["grc.memory_mode=recurrent", "data.recurrent_fraction=0.7", "data.chunk_tokens=3"],
+    ):
+        it = iter(train_dataset(tiny_config(*overrides), sp_tok, src)[0])
+        for _ in range(3):
+            batch = next(it)
+            want = _loss_targets_reference(batch.rows)
+            _assert_targets_equal(loss_targets(batch.rows), want)
+            for key in want:  # what the batch carries
+                np.testing.assert_array_equal(getattr(batch, key), want[key], err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +259,7 @@ def test_batch_builder_slot_limit():
 # train_dataset on the synthetic corpus
 
 
-def _check_batch(batch, cfg, process_count=1):
+def _check_batch(batch, cfg, process_count=1, extras=False):
     rows, seq = cfg.data.batch_size // process_count, cfg.data.seq_len
     slots = slots_per_row(cfg)
     k = cfg.grc.num_latents
@@ -282,6 +281,8 @@ def _check_batch(batch, cfg, process_count=1):
         for s in range(slots):
             where = np.flatnonzero(seg[r] == s + 1)
             if batch.seg_kind[r, s] == 0:
+                if where.size and extras:  # a RAG example or chain: see _check_extras
+                    continue
                 assert where.size == 0 and batch.seg_group[r, s] == 0
                 continue
             assert where.size > 0, (r, s)
@@ -313,11 +314,7 @@ def _query_texts(batch, tok):
     for r, s in sorted(
         np.argwhere(batch.seg_kind == QUERY), key=lambda rs: batch.seg_group[tuple(rs)]
     ):
-        m = (
-            (batch.segment_ids[r] == s + 1)
-            & (batch.block_ids[r] == 1)
-            & (batch.roles[r] == G)
-        )
+        m = (batch.segment_ids[r] == s + 1) & (batch.block_ids[r] == 1) & (batch.roles[r] == G)
         ids = batch.tokens[r][m].tolist()
         assert ids[-1] == tok.eos_id
         out.append(tok.decode(ids[:-1]))
@@ -375,9 +372,7 @@ def _assert_batches_equal(a, b):
     for x, y in zip(a, b, strict=True):
         assert type(x) is type(y) is Batch
         for f in dataclasses.fields(x):
-            np.testing.assert_array_equal(
-                getattr(x, f.name), getattr(y, f.name), err_msg=f.name
-            )
+            np.testing.assert_array_equal(getattr(x, f.name), getattr(y, f.name), err_msg=f.name)
 
 
 def test_state_resumes_identically(sp_tok, synth_dir):
@@ -606,3 +601,134 @@ def test_a_checkpoint_without_the_count_still_restores(sp_tok, synth_dir):
     it2 = iter(train_dataset(cfg, sp_tok, JsonlSource(synth_dir / "train.jsonl"))[0])
     it2.set_state(old)
     _assert_batches_equal(_batches(it2, 2), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra layouts (RAG examples, recurrent chains) in the batches; defaults unchanged
+
+
+class HashTok:
+    """Word ids from a hash: deterministic everywhere, no tokenizer training."""
+
+    vocab_size = 1024
+    pad_id, bos_id, eos_id = 0, 2, 3
+
+    def encode(self, s: str) -> list[int]:
+        return [4 + zlib.crc32(w.encode()) % 1020 for w in s.split()]
+
+    def decode(self, ids) -> str:
+        return ""
+
+
+def _digest(batches) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for f in dataclasses.fields(b):
+            a = np.ascontiguousarray(getattr(b, f.name))
+            h.update(f"{f.name}{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+# Computed with the code at commit 97b8a64, before the RAG / chain layouts and the vectorised
+# loss_targets existed: with their fractions at 0 (the default) the batches, random draws
+# included, must stay exactly what they were.
+BEFORE_EXTRAS = {
+    (): "8e8ed376ff803d42604b1cd08609570e4be6f84da25754afa8fd99f0d21a8867",
+    ("grc.memory_mode=recurrent", "data.reasoning_dropout=0.5", "data.shuffle_seed=7"): (
+        "4991bf64c1eae9b26a5414078807fddb9c1e35f5e7fa41fdaddf49ffd41dd132"
+    ),
+}
+
+
+@pytest.mark.parametrize("overrides", list(BEFORE_EXTRAS), ids=["tiny", "recurrent"])
+def test_defaults_give_the_batches_of_before(synth_dir, overrides):
+    src = JsonlSource(synth_dir / "train.jsonl")
+    it = iter(train_dataset(tiny_config(*overrides), HashTok(), src)[0])
+    assert _digest([next(it) for _ in range(5)]) == BEFORE_EXTRAS[overrides]
+
+
+def _extra_slots(batch):
+    return [(int(r), int(s)) for r, s in np.argwhere(batch.seg_kind == 0)
+            if (batch.segment_ids[r] == s + 1).any()]  # fmt: skip
+
+
+def _check_extras(batch, k, last_blocks):
+    """Each extra example (EMPTY slot): compression blocks, then one consumer block whose GEN
+    targets all count for L_comp; nothing of it for L_gen or InfoNCE. `last_blocks(n)`: whether
+    n compression blocks are right. Returns how many there are."""
+    queries = set(batch.seg_group[batch.seg_kind == QUERY].tolist())
+    for r, s in _extra_slots(batch):
+        where = np.flatnonzero(batch.segment_ids[r] == s + 1)
+        blk, roles = batch.block_ids[r, where], batch.roles[r, where]
+        n = int(blk.max())  # compression blocks 0..n-1, consumer n
+        assert last_blocks(n), n
+        for b in range(n):
+            assert ((blk == b) & (roles == L)).sum() == k
+            assert not ((blk == b) & (roles == G)).any()
+        consumer = blk == n
+        assert not (roles[consumer] == L).any() and roles[consumer][0] == T  # opens with bos
+        assert batch.tokens[r, where[consumer][0]] == 2 and batch.tokens[r, where[-1]] == 3
+        comp = batch.comp_weights[r, where - 1]  # position i - 1 predicts token i
+        np.testing.assert_array_equal(comp, (roles == G).astype(np.float32))
+        assert batch.gen_weights[r, where].sum() == 0
+        assert batch.seg_positive[r, s] == 0 and batch.seg_doc[r, s] == 0
+        assert batch.seg_group[r, s] in queries  # packed with its record's group
+    return len(_extra_slots(batch))
+
+
+def test_rag_examples_in_batches(sp_tok, synth_dir):
+    cfg = tiny_config("data.rag_fraction=1")
+    it = iter(train_dataset(cfg, sp_tok, JsonlSource(synth_dir / "train.jsonl"))[0])
+    for _ in range(3):
+        batch = next(it)
+        _check_batch(batch, cfg, extras=True)
+        n = _check_extras(batch, cfg.grc.num_latents, lambda n: n == 3)  # 1 + 2 negatives
+        assert n == (batch.seg_kind == QUERY).sum()  # every record has negatives: one each
+
+
+def test_recurrent_chains_in_batches(sp_tok, synth_dir):
+    cfg = tiny_config(
+        "grc.memory_mode=recurrent", "data.recurrent_fraction=0.5", "data.chunk_tokens=4",
+        "data.max_chunks=3",
+    )  # fmt: skip
+    it = iter(train_dataset(cfg, sp_tok, JsonlSource(synth_dir / "train.jsonl"))[0])
+    total = queries = 0
+    for _ in range(4):
+        batch = next(it)
+        _check_batch(batch, cfg, extras=True)
+        total += _check_extras(batch, cfg.grc.num_latents, lambda n: 2 <= n <= 3)
+        queries += (batch.seg_kind == QUERY).sum()
+    assert 0.25 * queries < total < 0.75 * queries
+
+
+def test_extra_layouts_resume_identically(sp_tok, synth_dir):
+    cfg = tiny_config("data.rag_fraction=0.5")
+    ds, _ = train_dataset(cfg, sp_tok, JsonlSource(synth_dir / "train.jsonl"))
+    it = iter(ds)
+    _batches(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _batches(it, 3)
+    assert any(_extra_slots(b) for b in expected)
+    it2 = iter(train_dataset(cfg, sp_tok, JsonlSource(synth_dir / "train.jsonl"))[0])
+    it2.set_state(state)
+    _assert_batches_equal(_batches(it2, 3), expected)
+
+
+def test_an_extra_that_does_not_fit_is_left_out(sp_tok, synth_dir):
+    # At 72 tokens a row holds every query and document example of the synthetic data (at most
+    # 65 tokens) but no RAG example (3 documents + the query and its passage: at least 76), so
+    # the records train without one.
+    src = JsonlSource(synth_dir / "train.jsonl")
+    plain = iter(train_dataset(tiny_config("data.seq_len=72"), sp_tok, src)[0])
+    rag = iter(train_dataset(tiny_config("data.seq_len=72", "data.rag_fraction=1"), sp_tok, src)[0])
+    _assert_batches_equal(_batches(rag, 3), _batches(plain, 3))
+
+
+def test_oversized_record_is_named_with_extras_on(sp_tok, big_jsonl):
+    path, _ = big_jsonl
+    cfg = tiny_config("data.rag_fraction=1")
+    ds, _ = train_dataset(cfg, sp_tok, JsonlSource(path), num_epochs=1)
+    with pytest.raises(DataError, match=rf"^{path}:5: the record's group of 4 examples \("):
+        for _ in ds:
+            pass
