@@ -29,7 +29,9 @@ COMMANDS: dict[str, Command] = {
         "grc_jax.cli.aot", "compile the train step for a TPU slice, without one: memory"
     ),
     "compress": Command("grc_jax.cli.infer", "compress texts into latent memory files"),
-    "data": Command("grc_jax.cli.data", "make or convert training data (synth, prepare)"),
+    "data": Command(
+        "grc_jax.cli.data", "make or convert training data (synth, real text, BEIR, prepare)"
+    ),
     "embed": Command("grc_jax.cli.infer", "embed texts and queries (JSON; --out writes .npy)"),
     "eval": Command("grc_jax.cli.train", "evaluate a run's checkpoint on held-out data (JSON)"),
     "export": Command(
