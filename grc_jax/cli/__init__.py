@@ -33,7 +33,9 @@ COMMANDS: dict[str, Command] = {
         "grc_jax.cli.data", "make or convert training data (synth, real text, BEIR, prepare)"
     ),
     "embed": Command("grc_jax.cli.infer", "embed texts and queries (JSON; --out writes .npy)"),
-    "eval": Command("grc_jax.cli.train", "evaluate a run's checkpoint on held-out data (JSON)"),
+    "eval": Command(
+        "grc_jax.cli.evaluate", "retrieval, compression and RAG figures on a BEIR or JSONL set"
+    ),
     "export": Command(
         "grc_jax.cli.convert", "export a run or import as a Hugging Face (PyTorch) directory"
     ),

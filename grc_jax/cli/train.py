@@ -1,9 +1,8 @@
-"""`grc train` and `grc eval`."""
+"""`grc train` (`grc eval` is `grc_jax/cli/evaluate.py`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 
 # JAX and the training modules are imported inside the `run_*` functions (deferred to keep
 # `--help` fast).
@@ -73,52 +72,4 @@ def run_train(args: argparse.Namespace) -> int:
             "(data.skip_bad_lines=true; the first are printed above as they were met, the count "
             "is data/bad_lines_skipped in metrics.jsonl)"
         )
-    return 0
-
-
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a run directory written by `grc train` (runs/<name>)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--data", default=None, help="JSONL to evaluate on (default: data.eval_path)")
-    p.add_argument("--out", default=None, help="write the metrics JSON here too")
-    p.add_argument(
-        "overrides", nargs="*", help="section.key=value config overrides (before or after options)"
-    )
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from grc_jax.core.config import load_config
-    from grc_jax.core.errors import MissingPathError
-
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise MissingPathError(f"{run} is not a run directory (no config.yaml)")
-    cfg = load_config(run / "config.yaml", args.overrides)  # a bad override fails before JAX
-
-    import jax
-
-    from grc_jax.checkpoints import RunCheckpoints
-    from grc_jax.cli._paths import user_paths
-    from grc_jax.core.sharding import make_mesh
-    from grc_jax.data.sources import read_records
-    from grc_jax.train.evaluate import Evaluator
-    from grc_jax.train.loop import prepare_tokenizer
-    from grc_jax.train.state import create_state
-
-    tok = prepare_tokenizer(cfg, run)
-    state, _ = create_state(cfg, make_mesh(cfg.mesh), jax.random.key(0))
-    ckpts = RunCheckpoints(run / "checkpoints", cfg.train.keep_checkpoints)
-    state, _data, step = ckpts.restore(args.step, state)
-    ckpts.close()
-    data = args.data or cfg.data.eval_path
-    records = read_records(data, cfg.train.eval_queries, cfg.data.skip_bad_lines)
-    metrics = Evaluator(cfg, tok, records).run(state.params)
-    metrics["step"] = step
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.out:
-        with user_paths(FileNotFoundError):
-            Path(args.out).write_text(text)
     return 0
