@@ -119,3 +119,11 @@ def test_rag_distractors_are_the_hard_negatives_of_a_jsonl_split(files):
     items, source = ev._rag_items()
     assert source == "hard negatives"
     assert [it["docs"] for it in items] == [["d0", "d1", "d2"], ["d1", "d2", "d3"]]
+
+
+def test_overrides_that_change_parameter_shapes_are_refused(files, capsys):
+    capsys.readouterr()
+    argv = ["eval", str(files["model"]), "--beir", str(files["beir"]), "model.d_ff=128"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "change the model's parameter shapes" in err[0]
