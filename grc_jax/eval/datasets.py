@@ -1,32 +1,26 @@
 """Retrieval test sets in BEIR's form: a corpus, queries and graded relevance judgements (qrels).
 
-Two sources give the same `RetrievalSet`:
+Two sources give the same `RetrievalSet`, both read by the data layer's one BEIR reader and
+converter (`grc_jax.data.formats`), so that a JSONL split and the BEIR directory written from it
+(`grc data ...` writes `<split>_beir/`) evaluate with the same ids and the same figures:
 
 - a BEIR directory (`corpus.jsonl` `{"_id", "title", "text"}`, `queries.jsonl` `{"_id", "text"}`,
-  `qrels/<split>.tsv` with the header `query-id<TAB>corpus-id<TAB>score`); as BEIR's own loader
-  does, queries without qrels are dropped and a document is `title + " " + text` (empty
-  documents and queries are left out);
-- a held-out split of our JSONL schema (`grc_jax.data.schema`): the corpus is every positive and
-  negative of the split, deduplicated in order of first appearance (`d0`, `d1`, ...); query `qN`
-  is record N, relevant (score 1) to its positive; its negatives are its hard negatives.
+  `qrels/<split>.tsv` with the header `query-id<TAB>corpus-id<TAB>score`): the queries named in
+  the split's qrels (`read_beir`);
+- a held-out split of our JSONL schema (`grc_jax.data.schema`): `records_to_beir` (corpus = every
+  positive and negative, deduplicated, ids from the text's hash; query `qN` is record N, relevant
+  to its positive), plus each query's negatives as its hard negatives (for RAG distractors).
 
-The BEIR reader here is a minimal one for evaluation (streamed line by line, every fault named by
-`file:line`); the data layer may later own the reader, and this module would then call it.
+Empty documents and queries are left out here (they can be neither embedded nor retrieved).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 from pathlib import Path
 
-from grc_jax.core.errors import DataError, MissingPathError
-from grc_jax.data.sources import read_records
-
-
-class BeirFormatError(DataError):
-    """A BEIR directory is malformed: the message names the file (and line) at fault."""
+from grc_jax.core.errors import DataError
+from grc_jax.data import formats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,124 +58,44 @@ class RetrievalSet:
         return RetrievalSet(self.name, corpus, queries, qrels, negatives)
 
 
-def _jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Objects of a JSONL file, each with string `required` fields (blank lines skipped)."""
-    if not path.is_file():
-        raise BeirFormatError(f"BEIR file {str(path)!r} is missing")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BeirFormatError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise BeirFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for key in required:
-                if not isinstance(obj.get(key), str):
-                    raise BeirFormatError(
-                        f"{where}: field {key!r} must be a string, got {obj.get(key)!r:.60}"
-                    )
-            out.append(obj)
-    return out
-
-
-def _unique(rows: list[dict], path: Path) -> None:
-    seen: set[str] = set()
-    for r in rows:
-        if r["_id"] in seen:
-            raise BeirFormatError(f"{path}: id {r['_id']!r} appears more than once")
-        seen.add(r["_id"])
-
-
-def _qrels(path: Path) -> dict[str, dict[str, int]]:
-    if not path.is_file():
-        splits = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
-        raise BeirFormatError(
-            f"BEIR qrels {str(path)!r} is missing (splits present: {splits or 'none'})"
-        )
-    qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None or [h.strip() for h in header[:3]] != [
-            "query-id",
-            "corpus-id",
-            "score",
-        ]:
-            raise BeirFormatError(
-                f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score', got {header!r}"
-            )
-        for n, row in enumerate(rows, 2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 3:
-                raise BeirFormatError(f"{path}:{n}: expected 3 tab-separated fields, got {row!r}")
-            try:
-                score = int(row[2])
-            except ValueError:
-                raise BeirFormatError(
-                    f"{path}:{n}: score must be an integer, got {row[2]!r}"
-                ) from None
-            qrels.setdefault(row[0], {})[row[1]] = score
-    return qrels
-
-
 def read_beir(directory: str | Path, split: str = "test") -> RetrievalSet:
-    """A BEIR directory's corpus, its queries that have qrels in `split`, and those qrels."""
+    """A BEIR directory's corpus, the queries judged in `split`, and their qrels."""
     d = Path(directory)
-    if not d.exists():
-        raise MissingPathError(f"BEIR directory {str(d)!r} does not exist")
-    if not d.is_dir():
-        raise BeirFormatError(f"BEIR directory {str(d)!r} is not a directory")
-    corpus_rows = _jsonl(d / "corpus.jsonl", ("_id", "text"))
-    query_rows = _jsonl(d / "queries.jsonl", ("_id", "text"))
-    _unique(corpus_rows, d / "corpus.jsonl")
-    _unique(query_rows, d / "queries.jsonl")
-    qrels = _qrels(d / "qrels" / f"{split}.tsv")
-    corpus = {}
-    for r in corpus_rows:
-        title = r.get("title") if isinstance(r.get("title"), str) else ""
-        doc = f"{title} {r['text']}".strip()
-        if doc:  # an empty document can be neither embedded nor retrieved
-            corpus[r["_id"]] = doc
-    queries = {r["_id"]: r["text"] for r in query_rows if r["_id"] in qrels and r["text"].strip()}
-    if not corpus:
-        raise BeirFormatError(f"BEIR file {str(d / 'corpus.jsonl')!r} holds no document")
-    if not queries:
-        raise BeirFormatError(
-            f"BEIR directory {str(d)!r}: no query of queries.jsonl has qrels in qrels/{split}.tsv"
-        )
-    return RetrievalSet(f"beir:{d.name}/{split}", corpus, queries, {q: qrels[q] for q in queries})
+    corpus, queries, qrels = formats.read_beir(d, split)
+    return _retrieval_set(f"beir:{d.name}/{split}", corpus, queries, qrels, {})
 
 
-def from_jsonl(path: str | Path, limit: int | None = None) -> RetrievalSet:
-    """A held-out JSONL split (our schema) as corpus / queries / qrels (first `limit` records)."""
+def from_jsonl(path: str | Path) -> RetrievalSet:
+    """A held-out JSONL split (our schema) as corpus / queries / qrels and hard negatives."""
     p = Path(path)
-    records = read_records(p, limit)
+    records = formats.read_records(p)
     if not records:
-        raise DataError(f"data file {str(p)!r} holds no record")
-    ids: dict[str, str] = {}
-    for r in records:
-        for doc in (r.positive, *r.negatives):
-            ids.setdefault(doc, f"d{len(ids)}")
-    queries, qrels, negatives = {}, {}, {}
-    for i, r in enumerate(records):
-        qid = f"q{i}"
-        queries[qid] = r.query
-        qrels[qid] = {ids[r.positive]: 1}
-        negatives[qid] = [ids[n] for n in r.negatives if n != r.positive]
-    corpus = {doc_id: doc for doc, doc_id in ids.items()}
-    return RetrievalSet(f"jsonl:{p.name}", corpus, queries, qrels, negatives)
+        raise DataError(f"{p}: holds no record")
+    corpus, queries, qrels = formats.records_to_beir(records)
+    negatives = {
+        qid: [formats.doc_id(n) for n in r.get("negatives", []) if n != r["positive"]]
+        for qid, r in zip(queries, records)
+    }
+    return _retrieval_set(f"jsonl:{p.name}", corpus, queries, qrels, negatives)
 
 
-def load_retrieval_set(
-    beir: str | None = None, data: str | None = None, split: str = "test"
-) -> RetrievalSet:
-    """`read_beir(beir, split)` or `from_jsonl(data)`: exactly one of the two."""
+def _retrieval_set(name: str, corpus: dict[str, str], queries: dict[str, str],
+                   qrels: dict[str, dict[str, int]],
+                   negatives: dict[str, list[str]]) -> RetrievalSet:  # fmt: skip
+    corpus = {d: t for d, t in corpus.items() if t.strip()}
+    queries = {q: t for q, t in queries.items() if t.strip()}
+    if not corpus:
+        raise DataError(f"{name}: the corpus holds no (non-empty) document")
+    if not queries:
+        raise DataError(f"{name}: no (non-empty) query has relevance judgements")
+    return RetrievalSet(name, corpus, queries, {q: qrels[q] for q in queries},
+                        {q: negatives[q] for q in queries if q in negatives})  # fmt: skip
+
+
+def load_retrieval_set(beir: str | None = None, data: str | None = None,
+                       split: str = "test") -> RetrievalSet:  # fmt: skip
+    """`read_beir(beir, split)` or `from_jsonl(data)`: exactly one of the two (`data` may also
+    name a BEIR directory)."""
     if (beir is None) == (data is None):
         raise DataError("give exactly one of a BEIR directory or a JSONL file")
     if beir is not None:

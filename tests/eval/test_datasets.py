@@ -1,4 +1,5 @@
-"""BEIR directories and JSONL splits as corpus / queries / qrels; bad directories are named."""
+"""BEIR directories and JSONL splits as corpus / queries / qrels (read by grc_jax.data.formats);
+bad directories stop `grc eval` with one line naming the file."""
 
 import json
 
@@ -6,7 +7,8 @@ import pytest
 
 from grc_jax.cli import main
 from grc_jax.core.errors import DataError, MissingPathError
-from grc_jax.eval.datasets import BeirFormatError, from_jsonl, load_retrieval_set, read_beir
+from grc_jax.data.formats import doc_id
+from grc_jax.eval.datasets import from_jsonl, load_retrieval_set, read_beir
 from tests.eval.fixtures import write_beir
 
 
@@ -20,8 +22,8 @@ def test_read_beir(beir):
         f.write(json.dumps({"_id": "d7", "title": "", "text": "  "}) + "\n")  # empty: left out
     data = read_beir(beir, "test")
     assert data.name == "beir:beir/test"
-    assert list(data.corpus) == ["d1", "d2", "d3", "d4", "d5", "d6"]
-    assert data.corpus["d1"] == "velora velora is a city . its population is 42 thousand ."
+    assert list(data.corpus) == ["d1", "d2", "d3", "d4", "d5", "d6"]  # d7 is empty: left out
+    assert data.corpus["d1"] == "velora\nvelora is a city . its population is 42 thousand ."
     assert data.corpus["d4"] == "nothfar is a river . its length is 89 km ."  # no title
     assert list(data.queries) == ["q1", "q2", "q3"]  # q4 has no qrels: dropped, as BEIR does
     assert data.qrels["q2"] == {"d3": 2, "d4": 0}
@@ -41,10 +43,11 @@ def test_jsonl_split_becomes_corpus_queries_qrels(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     data = from_jsonl(path)
-    assert data.corpus == {"d0": "doc a", "d1": "doc b", "d2": "doc c", "d3": "doc d"}
-    assert data.queries == {"q0": "q one", "q1": "q two", "q2": "q three"}
-    assert data.qrels == {"q0": {"d0": 1}, "q1": {"d1": 1}, "q2": {"d3": 1}}
-    assert data.negatives == {"q0": ["d1", "d2"], "q1": ["d0"], "q2": []}
+    a, b, c, d = (doc_id(t) for t in ("doc a", "doc b", "doc c", "doc d"))  # the data layer's ids
+    assert data.corpus == {a: "doc a", b: "doc b", c: "doc c", d: "doc d"}
+    assert data.queries == {"q1": "q one", "q2": "q two", "q3": "q three"}
+    assert data.qrels == {"q1": {a: 1}, "q2": {b: 1}, "q3": {d: 1}}
+    assert data.negatives == {"q1": [b, c], "q2": [a], "q3": []}
     assert load_retrieval_set(data=str(path)).corpus == data.corpus
 
 
@@ -54,29 +57,35 @@ def _line(path, n, text):
     path.write_text("\n".join(lines) + "\n")
 
 
+def _only_blank_query_judged(d):
+    _line(d / "queries.jsonl", 1, '{"_id": "q9", "text": " "}')
+    (d / "qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\nq9\td1\t1\n")
+
+
 BAD = [
     # (what to break, error type, words of the message)
-    (lambda d: (d / "corpus.jsonl").unlink(), BeirFormatError, ["corpus.jsonl", "missing"]),
-    (lambda d: _line(d / "corpus.jsonl", 2, "{oops"), BeirFormatError,
+    (lambda d: (d / "corpus.jsonl").unlink(), MissingPathError, ["corpus.jsonl", "no such file"]),
+    (lambda d: _line(d / "corpus.jsonl", 2, "{oops"), DataError,
      ["corpus.jsonl:2", "not valid JSON"]),
-    (lambda d: _line(d / "queries.jsonl", 3, '{"text": "no id"}'), BeirFormatError,
+    (lambda d: _line(d / "queries.jsonl", 3, '{"text": "no id"}'), DataError,
      ["queries.jsonl:3", "'_id'"]),
-    (lambda d: _line(d / "corpus.jsonl", 3, '{"_id": "d1", "text": "again"}'), BeirFormatError,
-     ["corpus.jsonl", "'d1'", "more than once"]),
-    (lambda d: (d / "qrels/test.tsv").rename(d / "qrels/dev.tsv"), BeirFormatError,
-     ["test.tsv", "missing", "dev"]),
-    (lambda d: _line(d / "qrels/test.tsv", 1, "q\tc\ts"), BeirFormatError,
-     ["test.tsv:1", "header"]),
-    (lambda d: _line(d / "qrels/test.tsv", 3, "q2\td3\thigh"), BeirFormatError,
-     ["test.tsv:3", "integer", "'high'"]),
-    (lambda d: _line(d / "qrels/test.tsv", 2, "q1 d1 1"), BeirFormatError,
-     ["test.tsv:2", "3 tab-separated"]),
-    (lambda d: (d / "qrels/test.tsv").write_text("query-id\tcorpus-id\tscore\nzz\td1\t1\n"),
-     BeirFormatError, ["no query", "qrels/test.tsv"]),
+    (lambda d: _line(d / "corpus.jsonl", 3, '{"_id": "d3", "text": 7}'), DataError,
+     ["corpus.jsonl:3", "'text' must be a string"]),
+    (lambda d: (d / "qrels/test.tsv").rename(d / "qrels/dev.tsv"), MissingPathError,
+     ["test.tsv", "qrels for this split"]),
+    (lambda d: _line(d / "qrels/test.tsv", 3, "q2\td3\thigh"), DataError,
+     ["test.tsv:3", "'high' is not a number"]),
+    (lambda d: _line(d / "qrels/test.tsv", 2, "q1 d1 1"), DataError,
+     ["test.tsv:2", "query-id<TAB>corpus-id<TAB>score"]),
+    (lambda d: _line(d / "qrels/test.tsv", 2, "zz\td1\t1"), DataError,
+     ["test.tsv", "'zz' is not in queries.jsonl"]),
+    (lambda d: _line(d / "qrels/test.tsv", 2, "q1\tnope\t1"), DataError,
+     ["test.tsv", "['nope']", "not in corpus.jsonl"]),
+    (lambda d: _only_blank_query_judged(d), DataError, ["no (non-empty) query"]),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("breaks, kind, words", BAD, ids=[w[0] + " " + w[1] for *_, w in BAD])
+@pytest.mark.parametrize("breaks, kind, words", BAD, ids=[w[-1] for *_, w in BAD])
 def test_bad_beir_directories_are_named(beir, breaks, kind, words):
     breaks(beir)
     with pytest.raises(kind) as info:
@@ -86,11 +95,8 @@ def test_bad_beir_directories_are_named(beir, breaks, kind, words):
 
 
 def test_missing_and_wrong_paths(tmp_path):
-    with pytest.raises(MissingPathError, match="does not exist"):
+    with pytest.raises(MissingPathError, match="no such BEIR directory"):
         read_beir(tmp_path / "nope")
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(BeirFormatError, match="not a directory"):
-        read_beir(tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not a BEIR one"):
         load_retrieval_set(data=str(tmp_path / "empty"))
@@ -106,6 +112,8 @@ def test_grc_eval_names_a_bad_beir_directory_in_one_line(beir, tmp_path, capsys)
     capsys.readouterr()
     assert main(["eval", str(model), "--beir", str(beir)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"grc eval: error: {beir / 'queries.jsonl'}:1: expected a JSON object, got list"]
+    assert err == [
+        f"grc eval: error: {beir / 'queries.jsonl'}:1: expected a JSON object with '_id' and text"
+    ]
     assert main(["eval", str(tmp_path / "none"), "--beir", str(beir)]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 
 from grc_jax.checkpoints import load_model
 from grc_jax.cli import main
+from grc_jax.data.formats import doc_id
 from grc_jax.data.layout import gen, latents, text
 from grc_jax.eval.datasets import from_jsonl, read_beir
 from grc_jax.eval.evaluate import RAG_MODES, EvalOptions, Evaluation
@@ -118,7 +119,8 @@ def test_rag_distractors_are_the_hard_negatives_of_a_jsonl_split(files):
     ev = Evaluation(cfg, params, tok, data, EvalOptions(rag_queries=2), log=lambda _m: None)
     items, source = ev._rag_items()
     assert source == "hard negatives"
-    assert [it["docs"] for it in items] == [["d0", "d1", "d2"], ["d1", "d2", "d3"]]
+    docs = [doc_id(body) for _, body in CORPUS.values()]
+    assert [it["docs"] for it in items] == [docs[0:3], docs[1:4]]
 
 
 def test_overrides_that_change_parameter_shapes_are_refused(files, capsys):
