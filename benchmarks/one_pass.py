@@ -52,19 +52,11 @@ from benchmarks.common import (
     write_json,
 )
 from grc_jax.core.config import Config, load_config
+from grc_jax.core.roles import DOC, QUERY
 from grc_jax.core.sharding import make_mesh
+from grc_jax.data.groups import Group, doc_hash, document_example, make_group, query_example
 from grc_jax.data.layout import gen, latents, layout_example, text
-from grc_jax.data.pipeline import (
-    DOC,
-    QUERY,
-    BatchBuilder,
-    Group,
-    doc_hash,
-    document_example,
-    make_group,
-    query_example,
-    slots_per_row,
-)
+from grc_jax.data.pipeline import BatchBuilder, slots_per_row
 from grc_jax.data.schema import GRCRecord
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.train.flops import forward_flops

@@ -45,7 +45,8 @@ from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config, load_config
 from grc_jax.core.roles import GEN, TEXT
 from grc_jax.core.sharding import make_mesh
-from grc_jax.data.pipeline import BatchBuilder, loss_targets, make_group, slots_per_row
+from grc_jax.data.groups import make_group
+from grc_jax.data.pipeline import BatchBuilder, loss_targets, slots_per_row
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.train.flops import measure_matmul_flops, train_flops_per_step
 from grc_jax.train.state import create_state
