@@ -48,7 +48,7 @@ from benchmarks.common import (
     machine,
     write_json,
 )
-from grc_jax.checkpoints import load_model
+from grc_jax.convert.adapter import load_any
 from grc_jax.eval.datasets import RetrievalSet, load_retrieval_set
 from grc_jax.eval.evaluate import EvalOptions, Evaluation
 from grc_jax.eval.metrics import MEASURES, retrieval_metrics, run_from_scores
@@ -109,7 +109,7 @@ def grc_model(path: str, data: RetrievalSet, args: argparse.Namespace, kind: str
     """`kind`: "pooled" (mean-pooled plain text), "plain" or "self_reason" (GRC embeddings).
     The model is loaded once per path (its compiled passes are shared by its rows)."""
     if path not in _EVALUATIONS:
-        cfg, params, tok = load_model(path)
+        cfg, params, tok = load_any(path)
         opts = EvalOptions(
             max_reasoning=args.max_reasoning, max_embed_tokens=args.max_embed_tokens,
             batch_size=args.batch_size, sections=("retrieval",),

@@ -69,12 +69,13 @@ def _load(path: Path, step: int | None, overrides: list[str]):
     settings, not the parameter tree."""
     import jax
 
-    from grc_jax.checkpoints import checkpoint_steps, load_model, model_kind
+    from grc_jax.checkpoints import checkpoint_steps, model_kind
+    from grc_jax.convert.adapter import load_any
     from grc_jax.core.config import load_config
     from grc_jax.model.params import init_grc_params
 
     kind = model_kind(path)
-    cfg, params, tok = load_model(path, step)
+    cfg, params, tok = load_any(path, step)
     if overrides:
         over = load_config(path / "config.yaml", overrides)
 

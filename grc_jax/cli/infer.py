@@ -68,14 +68,10 @@ def _engine(args: argparse.Namespace):
 
 @functools.lru_cache(maxsize=2)
 def _cached_engine(path: str, step: int | None, attention_impl: str, _identity: tuple):
-    from grc_jax.adapter import is_adapter_dir
-    from grc_jax.checkpoints import load_model
-    from grc_jax.convert.adapter import ensure_base
+    from grc_jax.convert.adapter import load_any
     from grc_jax.infer.engine import Engine, EngineOptions
 
-    if is_adapter_dir(path):
-        ensure_base(path)
-    cfg, params, tok = load_model(path, step)
+    cfg, params, tok = load_any(path, step)
     return Engine(cfg, params, tok, EngineOptions(attention_impl=attention_impl))
 
 

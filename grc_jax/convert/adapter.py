@@ -25,6 +25,7 @@ from grc_jax.adapter import (
     base_cache_dir,
     check_base,
     frozen_differences,
+    is_adapter_dir,
     read_info,
     write_adapter,
 )
@@ -177,3 +178,10 @@ def ensure_base(adapter: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     check_base(adapter, cache, info)
     return cache
+
+
+def load_any(path: str | Path, step: int | None = None) -> tuple[Any, Any, Any]:
+    """`load_model` for a run, import or adapter directory, preparing an adapter's base first."""
+    if is_adapter_dir(path):
+        ensure_base(path)
+    return load_model(path, step)
