@@ -126,7 +126,12 @@ def gguf_to_hf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str,
     hf: dict[str, Any] = {"model_type": GGUF_ARCHITECTURES[arch], "hidden_act": "silu"}
     for key, hf_key in GGUF_CONFIG_KEYS:
         if f"{arch}.{key}" in meta:
-            hf[hf_key] = meta[f"{arch}.{key}"]
+            value = meta[f"{arch}.{key}"]
+            if isinstance(value, float):
+                # GGUF stores float32: write its shortest decimal (1e-05, not 9.99999974e-06),
+                # the value the HF config.json has and that converts to the same float32.
+                value = float(str(np.float32(value)))
+            hf[hf_key] = value
     for key, hf_key in GGUF_TOKEN_ID_KEYS:
         if f"tokenizer.ggml.{key}" in meta:
             hf[hf_key] = int(meta[f"tokenizer.ggml.{key}"])
