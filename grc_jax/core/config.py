@@ -225,6 +225,9 @@ class ModelConfig(_Section):
         "none"
     )
     scan_layers: bool = False
+    # How attention lays out its einsums (`grc_jax.model.layers.dot_product_attention`): the same
+    # math; head_major is about twice as fast on CPU, token_major is what earlier runs computed.
+    attention_layout: Literal["token_major", "head_major"] = "token_major"
 
     def _relations(self, key: str) -> None:
         _check(
@@ -269,6 +272,11 @@ class GRCConfig(_Section):
     # embedding + N(0, latent_init_noise) per entry: the default when GRC-tuning an imported model).
     latent_init: Literal["normal", "mean_embedding"] = "normal"
     latent_init_noise: float = _num(0.02, ge=0)
+
+
+# ModelConfig fields that choose how the model executes, not what it computes: a model is the same
+# model under any of their values (scan_layers stores the layers' params stacked, the same values).
+EXECUTION_FIELDS = ("dtype", "remat_policy", "scan_layers", "attention_layout")
 
 
 _AUTO_AXIS = dict(also=(-1,), note="-1: the remaining devices")
@@ -355,6 +363,10 @@ class TrainConfig(_Section):
     init_from: str = ""  # a `grc import-hf` output directory, to GRC-tune a pretrained model
     freeze_base: bool = False
     lora_rank: int = _num(0, ge=0, note="0: no LoRA")
+    # Where the token losses compute logits: at every position, or only where a GEN target is
+    # predicted (`grc_jax.train.losses.target_token_losses`): the same loss, about half the LM
+    # head's work, float rounding differs from `all` (what earlier runs computed).
+    logits_at: Literal["all", "targets"] = "all"
 
 
 @dataclasses.dataclass(frozen=True)

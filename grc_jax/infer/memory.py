@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from grc_jax.core.config import Config
+from grc_jax.core.config import EXECUTION_FIELDS, Config
 from grc_jax.core.errors import MemoryMismatchError, MissingPathError, UserError
 from grc_jax.model import unstack_layers
 from grc_jax.model.params import GRCParams
@@ -30,11 +30,12 @@ class MemoryFormatError(UserError, ValueError):
 def model_fingerprint(cfg: Config, params: Any) -> str:
     """Identifies the model that makes/reads memories: architecture plus a digest of the params.
 
-    Execution options (compute dtype, remat, scanned layers) do not change which model it is: the
-    architecture digest leaves them out, and scanned (stacked) layers are digested per layer.
+    Execution options (`EXECUTION_FIELDS`: compute dtype, remat, scanned layers, attention layout)
+    do not change which model it is: the architecture digest leaves them out, and scanned
+    (stacked) layers are digested per layer.
     """
     arch = dataclasses.asdict(cfg.model)
-    for key in ("dtype", "remat_policy", "scan_layers"):
+    for key in EXECUTION_FIELDS:
         arch.pop(key)
     if isinstance(params, GRCParams) and "layers" in params.model:
         params = params.replace(model=unstack_layers(params.model, cfg.model.n_layers))

@@ -8,6 +8,7 @@ from grc_jax.model.transformer import (
     build_model,
     forward,
     init_params,
+    project_logits,
     stack_layers,
     unstack_layers,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "forward",
     "grc_mask",
     "init_params",
+    "project_logits",
     "stack_layers",
     "unstack_layers",
     "visible",

@@ -10,6 +10,7 @@ from jaxtyping import Array, Bool, Float
 from grc_jax.core.config import ModelConfig
 from grc_jax.core.constants import MASK_VALUE
 from grc_jax.core.sharding import constrain
+from grc_jax.model.lora import add_lora
 from grc_jax.model.rope import apply_rope
 
 
@@ -41,20 +42,56 @@ class RMSNorm(nn.Module):
         return (scale * normed).astype(self.dtype)
 
 
+class Dense(nn.Dense):
+    """`nn.Dense` plus its unmerged LoRA term when the `lora` collection holds one (`add_lora`)."""
+
+    __no_type_check__ = True  # flax's own field annotations are not checkable at runtime
+
+    def __call__(self, x):
+        return add_lora(self, x, super().__call__(x))
+
+
+class DenseGeneral(nn.DenseGeneral):
+    """`nn.DenseGeneral` plus its unmerged LoRA term when the `lora` collection holds one."""
+
+    __no_type_check__ = True
+
+    def __call__(self, x):
+        return add_lora(self, x, super().__call__(x))
+
+
 def dot_product_attention(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b s g d"],
     v: Float[Array, "b s g d"],
     mask: Bool[Array, "b t s"],
+    layout: str = "token_major",
 ) -> Float[Array, "b t h d"]:
-    """Masked softmax attention with grouped KV heads (`h = g * q_per_kv`); softmax in float32."""
+    """Masked softmax attention with grouped KV heads (`h = g * q_per_kv`); softmax in float32.
+
+    `layout` (`model.attention_layout`) is how the einsums lay out their operands, the same math:
+    `token_major` contracts `[b, t, g, q, d]` as it comes; `head_major` first moves the heads in
+    front (`[b, g, q * t, d]`), transposing the small q/k/v/output tensors instead of letting XLA
+    on CPU copy the `[.., t, s]` scores into other layouts for the backward pass: about half the
+    attention time there, at float-rounding differences from `token_major`.
+    """
     b, t, h, d = q.shape
     g = k.shape[2]
-    q = q.reshape(b, t, g, h // g, d)
-    scores = jnp.einsum("btgqd,bsgd->bgqts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
+    qpk = h // g
+    if layout == "head_major":
+        q_gmd = q.reshape(b, t, g, qpk, d).transpose(0, 2, 3, 1, 4).reshape(b, g, qpk * t, d)
+        k_gsd, v_gsd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bgmd,bgsd->bgms", q_gmd, k_gsd, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, g, qpk, t, -1) * (d**-0.5)
+    else:
+        q = q.reshape(b, t, g, qpk, d)
+        scores = jnp.einsum("btgqd,bsgd->bgqts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (d**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if layout == "head_major":
+        out = jnp.einsum("bgms,bgsd->bgmd", probs.reshape(b, g, qpk * t, -1), v_gsd)
+        return out.reshape(b, g, qpk, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
     out = jnp.einsum("bgqts,bsgd->btgqd", probs, v)
     return out.reshape(b, t, h, d)
 
@@ -73,7 +110,7 @@ class Attention(nn.Module):
         dtype = compute_dtype(cfg)
 
         def proj(heads, head_axis):
-            return nn.DenseGeneral(
+            return DenseGeneral(
                 features=(heads, cfg.head_dim),
                 use_bias=cfg.qkv_bias,
                 dtype=dtype,
@@ -90,7 +127,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.rms_norm_eps, "head_dim", dtype)
             self.k_norm = RMSNorm(cfg.rms_norm_eps, "head_dim", dtype)
-        self.o = nn.DenseGeneral(
+        self.o = DenseGeneral(
             features=cfg.d_model,
             axis=(-2, -1),
             use_bias=False,
@@ -122,7 +159,8 @@ class Attention(nn.Module):
 
     def __call__(self, x, mask, cos, sin):
         q, k, v = self.project(x, cos, sin)
-        return self.output(dot_product_attention(q, k, v, mask)), (k, v)
+        attended = dot_product_attention(q, k, v, mask, self.cfg.attention_layout)
+        return self.output(attended), (k, v)
 
 
 class MLP(nn.Module):
@@ -136,7 +174,7 @@ class MLP(nn.Module):
         dtype = compute_dtype(cfg)
 
         def dense(name, features, names):
-            return nn.Dense(
+            return Dense(
                 features,
                 use_bias=False,
                 dtype=dtype,

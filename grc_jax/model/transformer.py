@@ -27,6 +27,7 @@ from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.core.roles import LATENT
 from grc_jax.core.sharding import constrain
 from grc_jax.model.layers import DecoderLayer, RMSNorm, _init, compute_dtype
+from grc_jax.model.lora import lora_collection
 from grc_jax.model.mask import grc_mask
 from grc_jax.model.rope import inverse_frequencies, rope_angles
 
@@ -78,7 +79,7 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 layer,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layers,
@@ -108,15 +109,19 @@ class Transformer(nn.Module):
     def head(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t v"], Array]:
         """(float32 logits, final-norm hidden states) of the last layer's output."""
         hidden = self.final_norm(x)
+        return self.logits(hidden), hidden
+
+    def logits(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        """The LM head: float32 logits of final-norm hidden states (any `t`: a loss may take the
+        hidden states of the positions it needs, see `project_logits`)."""
         if self.cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", hidden, self.embed.astype(hidden.dtype))
         else:
             logits = self.lm_head(hidden)
-        logits = constrain(
+        return constrain(
             logits.astype(jnp.float32),
             ("activation_batch", "activation_length", "activation_vocab"),
         )
-        return logits, hidden
 
     def __call__(
         self,
@@ -197,14 +202,33 @@ def init_params(cfg: ModelConfig, grc: GRCConfig, rng: jax.Array) -> Any:
 
 
 def forward(
-    params: Any, cfg: ModelConfig, grc: GRCConfig, rows: Rows, return_kv: bool = False
+    params: Any,
+    cfg: ModelConfig,
+    grc: GRCConfig,
+    rows: Rows,
+    return_kv: bool = False,
+    lora: dict[str, Any] | None = None,
 ) -> ModelOutput:
-    """One forward pass over packed rows (a `Batch` is `Rows` too)."""
+    """One forward pass over packed rows (a `Batch` is `Rows` too).
+
+    `lora`: flat LoRA factors (`GRCParams.lora`) applied unmerged, `x W + (x a) b` (training);
+    `forward(merge_lora(params, lora, ...), ...)` computes the same function.
+    """
     model = build_model(cfg, grc, return_kv)
+    variables = {"params": params}
+    if lora:
+        variables["lora"] = lora_collection(lora)
     return model.apply(
-        {"params": params}, rows.tokens, rows.segment_ids, rows.block_ids, rows.roles,
-        rows.positions,
-    )  # fmt: skip
+        variables, rows.tokens, rows.segment_ids, rows.block_ids, rows.roles, rows.positions
+    )
+
+
+def project_logits(
+    params: Any, cfg: ModelConfig, grc: GRCConfig, hidden: Float[Array, "b t d"]
+) -> Float[Array, "b t v"]:
+    """`Transformer.logits`: the LM head applied to final-norm hidden states (`forward`'s
+    `hidden`, or a selection of its positions)."""
+    return build_model(cfg, grc).apply({"params": params}, hidden, method=Transformer.logits)
 
 
 def decode(

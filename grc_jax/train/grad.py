@@ -10,10 +10,16 @@ With `microbatches > 1` the contrastive loss keeps every negative of the full ba
 
 Token losses are normalised by the full batch's target counts, so the sum over microbatches equals
 the full-batch loss exactly (up to float summation order).
+
+With a frozen base (`trainable`, from `grc_jax.train.optim.trainable_mask`) only the trainable
+leaves are differentiated: the frozen ones are constants of the differentiated function, so their
+weight gradients (a full-size matmul per projection, and the tied LM head's) are never computed.
+Their entries in the returned gradients are zeros.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,7 +35,7 @@ from grc_jax.train.losses import (
     grc_loss,
     rep_loss_from_embeddings,
     slot_embeddings,
-    token_cross_entropy,
+    token_loss_sums,
 )
 
 
@@ -45,18 +51,61 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def partition(params: Any, trainable: Any) -> tuple[Any, Any]:
+    """(trainable part, frozen part) of `params`: two trees of its structure, each with None where
+    the other holds the leaf. `trainable` is a pytree of bools with `params`' structure."""
+    train = jax.tree.map(lambda x, t: x if t else None, params, trainable)
+    frozen = jax.tree.map(lambda x, t: None if t else x, params, trainable)
+    return train, frozen
+
+
+def combine(part: Any, rest: Any) -> Any:
+    """The leaves of `part`, and of `rest` where `part` has None (inverse of `partition`)."""
+    return jax.tree.map(lambda a, b: b if a is None else a, part, rest, is_leaf=_is_none)
+
+
 def loss_and_grads(
     params: GRCParams,
     model_cfg: ModelConfig,
     grc: GRCConfig,
     batch: Batch,
     microbatches: int = 1,
+    trainable: Any | None = None,
+    logits_at: str = "all",
 ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
-    """(total loss, metrics, gradients) of `grc_loss`; microbatched with GradCache when > 1."""
+    """(total loss, metrics, gradients) of `grc_loss`; microbatched with GradCache when > 1.
+
+    `trainable`: None (every leaf trains) or a pytree of bools like `params`; frozen leaves are
+    not differentiated and get zero gradients. `logits_at`: see `losses.token_loss_sums`.
+    """
+    args = (model_cfg, grc, batch, microbatches, logits_at)
+    if trainable is None or all(jax.tree.leaves(trainable)):
+        return _loss_and_grads(params, *args, lambda p: p)
+    train, frozen = partition(params, trainable)
+    loss, metrics, grads = _loss_and_grads(train, *args, lambda p: combine(p, frozen))
+    zeros = jax.tree.map(jnp.zeros_like, frozen)  # never read by the optimizer: XLA drops them
+    return loss, metrics, combine(grads, zeros)
+
+
+def _loss_and_grads(
+    params: Any,
+    model_cfg: ModelConfig,
+    grc: GRCConfig,
+    batch: Batch,
+    microbatches: int,
+    logits_at: str,
+    full: Callable[[Any], GRCParams],
+) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """`loss_and_grads` with respect to `params`, which `full` turns into the `GRCParams` (the
+    identity, or `combine` with the frozen part)."""
     if microbatches == 1:
-        (loss, metrics), grads = jax.value_and_grad(grc_loss, has_aux=True)(
-            params, model_cfg, grc, batch
-        )
+        (loss, metrics), grads = jax.value_and_grad(
+            lambda p: grc_loss(full(p), model_cfg, grc, batch, logits_at), has_aux=True
+        )(params)
         return loss, metrics, grads
 
     w = grc.loss_weights
@@ -64,10 +113,12 @@ def loss_and_grads(
     comp_n = jnp.maximum(jnp.sum(batch.comp_weights), 1.0)
     mbs = split_microbatches(batch, microbatches)
 
+    whole = full(params)
+
     # Pass 1: embeddings of every microbatch, no gradients kept.
     def embed(mb):
-        out = forward(params.merged(model_cfg.scan_layers), model_cfg, grc, mb)
-        return slot_embeddings(params.head, out.hidden, mb, grc)
+        out = forward(whole.model, model_cfg, grc, mb, lora=whole.lora)
+        return slot_embeddings(whole.head, out.hidden, mb, grc)
 
     emb = jax.lax.stop_gradient(jax.lax.map(embed, mbs))  # [n, slots_per_mb, P]
     # Slots in microbatch-major order, matching the flattened microbatch metadata below.
@@ -78,15 +129,15 @@ def loss_and_grads(
         return rep_sum / jnp.maximum(rep_n, 1.0), rep_n
 
     (l_rep, rep_n), (g_emb, g_head) = jax.value_and_grad(rep_fn, argnums=(0, 1), has_aux=True)(
-        emb.reshape(-1, emb.shape[-1]), params.head
+        emb.reshape(-1, emb.shape[-1]), whole.head
     )
     g_emb = g_emb.reshape(emb.shape)
 
     # Pass 2: re-forward each microbatch with gradients on its surrogate loss.
     def surrogate(p, mb, g):
-        out = forward(p.merged(model_cfg.scan_layers), model_cfg, grc, mb)
-        gen_sum, _ = token_cross_entropy(out.logits, mb.targets, mb.gen_weights)
-        comp_sum, _ = token_cross_entropy(out.logits, mb.targets, mb.comp_weights)
+        p = full(p)
+        out = forward(p.model, model_cfg, grc, mb, lora=p.lora)
+        gen_sum, comp_sum = token_loss_sums(p.model, model_cfg, grc, out, mb, logits_at)
         e = slot_embeddings(p.head, out.hidden, mb, grc)
         value = w.gen * gen_sum / gen_n + w.comp * comp_sum / comp_n + w.rep * jnp.sum(e * g)
         return value, (gen_sum, comp_sum)
@@ -102,7 +153,8 @@ def loss_and_grads(
     (grads, gen_sum, comp_sum), _ = jax.lax.scan(
         body, (zeros, jnp.float32(0), jnp.float32(0)), (mbs, g_emb)
     )
-    # The temperature's gradient comes from pass 1 only (it does not enter the embeddings).
+    # The temperature's gradient comes from pass 1 only (it does not enter the embeddings). The
+    # head always trains, so `grads.head` is whole also when `params` is a trainable part.
     grads = grads.replace(head=jax.tree.map(lambda a, b: a + w.rep * b, grads.head, g_head))
     loss, metrics = combine_losses(
         grc, gen_sum, jnp.sum(batch.gen_weights), l_rep * rep_n, rep_n, comp_sum,

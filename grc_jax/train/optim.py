@@ -55,6 +55,14 @@ def trainable_labels(params: Any, tc: TrainConfig) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def trainable_mask(params: Any, tc: TrainConfig) -> Any | None:
+    """A pytree of bools like `params` (True: the leaf trains), or None when every leaf trains."""
+    labels = trainable_labels(params, tc)
+    if all(v == "train" for v in jax.tree.leaves(labels)):
+        return None
+    return jax.tree.map(lambda v: v == "train", labels)
+
+
 def make_optimizer(tc: TrainConfig, params: Any) -> optax.GradientTransformation:
     tx = optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),

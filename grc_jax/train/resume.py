@@ -21,9 +21,9 @@ from grc_jax.core.config import Config, load_config
 from grc_jax.core.errors import CheckpointError, ConfigError
 
 # Config keys (dotted; a section name covers the whole section) that fix the parameter tree (or
-# the optimizer state's) or what the parameters mean. The model section's compute dtype and remat
-# policy change neither; grc.memory_mode and grc.pooling change how the same parameters are used
-# (inference switches them on a trained run), so they may change too.
+# the optimizer state's) or what the parameters mean. The model section's compute dtype, remat
+# policy and attention layout change neither; grc.memory_mode and grc.pooling change how the same
+# parameters are used (inference switches them on a trained run), so they may change too.
 PARAM_KEYS = (
     "model",
     "grc.num_latents",
@@ -33,7 +33,7 @@ PARAM_KEYS = (
     "train.init_from",
     "data.tokenizer",  # the meaning of the embedding rows
 )
-FREE_MODEL_KEYS = ("model.dtype", "model.remat_policy")
+FREE_MODEL_KEYS = ("model.dtype", "model.remat_policy", "model.attention_layout")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -12,8 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config
 from grc_jax.core.sharding import activation_sharding, logical_to_spec
-from grc_jax.train.grad import loss_and_grads
-from grc_jax.train.optim import lr_schedule, make_optimizer
+from grc_jax.train.grad import combine, loss_and_grads, partition
+from grc_jax.train.optim import lr_schedule, make_optimizer, trainable_mask
 from grc_jax.train.state import TrainState
 
 
@@ -35,16 +35,25 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch):
         optimizer = make_optimizer(cfg.train, state.params)
+        # With a frozen base only the trainable leaves are differentiated, updated and checked;
+        # the frozen ones pass through untouched (bit for bit).
+        trainable = trainable_mask(state.params, cfg.train)
         loss, metrics, grads = loss_and_grads(
-            state.params, cfg.model, cfg.grc, batch, cfg.train.microbatches
-        )
+            state.params, cfg.model, cfg.grc, batch, cfg.train.microbatches, trainable,
+            cfg.train.logits_at,
+        )  # fmt: skip
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        changed = params
+        if trainable is not None:
+            grads, _ = partition(grads, trainable)
+            changed, _ = partition(params, trainable)
+            params = combine(changed, partition(state.params, trainable)[1])
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         metrics["temperature"] = jnp.exp(params.head.log_temperature)
         # A finite loss can still come with an update that overflows the params: check both.
         metrics["params_finite"] = jax.tree.reduce(
-            jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params)
+            jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), changed)
         ).astype(jnp.float32)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

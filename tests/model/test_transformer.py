@@ -159,3 +159,26 @@ def test_shape_annotations_are_checked_in_tests():
 
     with pytest.raises(TypeCheckError):
         apply_rope(jnp.ones((1, 4, 2, 8)), jnp.ones((1, 5, 8)), jnp.ones((1, 4, 8)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_major_attention_matches_token_major(params, dtype):
+    """`model.attention_layout` changes the einsums' layout, not the math."""
+    batch = _batch(4)
+    base = dataclasses.replace(CFG, dtype=dtype)
+    head = dataclasses.replace(base, attention_layout="head_major")
+    want, got = _run(base, params, batch), _run(head, params, batch)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    valid = np.asarray(batch.segment_ids) != 0
+    err = np.abs(np.asarray(got.logits) - np.asarray(want.logits))[valid]
+    assert err.max() <= tol * np.abs(np.asarray(want.logits)).max(), err.max()
+    if dtype != "float32":
+        return
+
+    def grads(cfg):
+        loss = lambda p: jnp.mean(forward(p, cfg, GRC, batch).logits ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(base)), jax.tree.leaves(grads(head)), strict=True):
+        scale = float(jnp.max(jnp.abs(a))) + 1e-12
+        np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=1e-5)

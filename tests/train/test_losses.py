@@ -200,3 +200,51 @@ def test_sharded_loss_equals_unsharded(params, devices):
     for key in ("loss/gen", "loss/rep", "loss/comp"):
         np.testing.assert_allclose(float(m[key]), float(ref[key]), rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [16, 40, 128])
+def test_target_token_losses_equal_the_full_logits_sums(params, chunk):
+    """Logits only at target positions (sorted first, in chunks; chunks past the targets are
+    skipped): the sums of `token_cross_entropy` over all logits, and the same gradients."""
+    from grc_jax.model import project_logits
+    from grc_jax.train.losses import target_token_losses
+
+    batch = _batch(4)
+    grc = GRCConfig(num_latents=K, projection_dim=16)
+    assert 0 < float(jnp.mean((batch.gen_weights + batch.comp_weights) > 0)) < 0.7
+
+    def sums(model_params, compact):
+        out = forward(model_params, MODEL, grc, batch)
+        if not compact:
+            g, _ = token_cross_entropy(out.logits, batch.targets, batch.gen_weights)
+            c, _ = token_cross_entropy(out.logits, batch.targets, batch.comp_weights)
+            return g, c
+        return target_token_losses(
+            lambda h: project_logits(model_params, MODEL, grc, h), out.hidden, batch.targets,
+            batch.gen_weights, batch.comp_weights, chunk=chunk,
+        )  # fmt: skip
+
+    want = jax.jit(lambda p: sums(p, False))(params.model)
+    got = jax.jit(lambda p: sums(p, True))(params.model)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+    g_want = jax.jit(jax.grad(lambda p: sum(sums(p, False))))(params.model)
+    g_got = jax.jit(jax.grad(lambda p: sum(sums(p, True))))(params.model)
+    for a, b in zip(jax.tree.leaves(g_want), jax.tree.leaves(g_got), strict=True):
+        scale = float(jnp.max(jnp.abs(a))) + 1e-12
+        np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=1e-5)
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_logits_at_targets_gives_the_same_loss_and_grads(params, microbatches):
+    batch = _batch(5)
+    grc = GRCConfig(num_latents=K, projection_dim=16, learnable_temperature=True)
+    run = lambda at: jax.jit(  # noqa: E731
+        lambda p, b: loss_and_grads(p, MODEL, grc, b, microbatches, logits_at=at)
+    )(params, batch)
+    (loss_a, m_a, g_a), (loss_t, m_t, g_t) = run("all"), run("targets")
+    np.testing.assert_allclose(float(loss_t), float(loss_a), rtol=1e-5)
+    for key in ("loss/gen", "loss/comp", "count/gen_tokens", "count/comp_tokens"):
+        np.testing.assert_allclose(float(m_t[key]), float(m_a[key]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_t), strict=True):
+        scale = float(jnp.max(jnp.abs(a))) + 1e-12
+        np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=1e-5)
