@@ -48,7 +48,8 @@ $(BASE)/import_info.json: | $(STAMP)
 tune: $(STAMP) $(REAL) $(BASE)/import_info.json
 	$(VENV)/bin/grc train --config configs/smollm2_tune.yaml $(ARGS)
 	$(VENV)/bin/grc adapter $(TUNE_RUN) --out $(ADAPTER) --force
-	$(PY) benchmarks/retrieval_quality.py --data data/real/test_beir --base $(BASE) --tuned $(ADAPTER)
+	$(PY) benchmarks/retrieval_quality.py --data data/real/test_beir --base $(BASE) --tuned $(ADAPTER) --limit 500 --max-corpus 2000
+	$(VENV)/bin/grc eval $(ADAPTER) --data data/real/test.jsonl --limit 200 --out $(TUNE_RUN)/eval/test.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
