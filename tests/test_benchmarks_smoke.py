@@ -1,6 +1,7 @@
 """Smoke test: each benchmark's `main` runs with --quick settings and writes the expected JSON."""
 
 import json
+import math
 
 from benchmarks import one_pass, train_throughput
 
@@ -104,3 +105,19 @@ def test_retrieval_quality_end_to_end(tmp_path):
     assert saved["retrievers"]["bm25 (bm25s)"]["recall@1"] == 1.0
     if minilm:
         assert saved["retrievers"]["all-MiniLM-L6-v2"]["recall@10"] == 1.0
+
+
+def test_cpu_tune_step_quick(tmp_path):
+    from benchmarks import cpu_tune_step
+
+    out = tmp_path / "cpu_tune_step.json"
+    variants = "before,+ logits at targets = recipe,recipe: scan_layers flipped"
+    cpu_tune_step.main(["--quick", "--variants", variants, "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "cpu_tune_step"
+    assert MACHINE_KEYS <= set(saved["machine"])
+    assert list(saved["variants"]) == variants.split(",")
+    for r in saved["variants"].values():
+        assert r["step_time_s"] > 0 and r["tokens_per_step"] > 0 and 0 < r["fill"] <= 1
+        assert all(math.isfinite(x) for x in r["losses"])
+    assert saved["variants"]["recipe: scan_layers flipped"]["scan_layers"] is True

@@ -80,13 +80,15 @@ def create_state(
 ) -> tuple[TrainState, TrainState]:
     """A sharded fresh TrainState and its shardings (params are created directly in place)."""
 
-    def make():
+    # `model_params` (an import) is an argument, not a closed-over constant: as a constant, each
+    # of its arrays would be embedded in the compiled program (slow to compile, in memory twice).
+    def make(model_params):
         params = init_grc_params(cfg, rng, model_params)
         opt_state = make_optimizer(cfg.train, params).init(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
-    shape = jax.eval_shape(make)
+    shape = jax.eval_shape(make, model_params)
     shardings = state_shardings(cfg, shape, mesh)
     with activation_sharding(mesh):
-        state = jax.jit(make, out_shardings=shardings)()
+        state = jax.jit(make, out_shardings=shardings)(model_params)
     return state, shardings
