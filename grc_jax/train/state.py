@@ -89,6 +89,8 @@ def create_state(
 
     shape = jax.eval_shape(make, model_params)
     shardings = state_shardings(cfg, shape, mesh)
+    if model_params is not None:  # placed as the state will hold them, not on one device
+        model_params = jax.device_put(model_params, shardings.params.model)
     with activation_sharding(mesh):
         state = jax.jit(make, out_shardings=shardings)(model_params)
     return state, shardings
