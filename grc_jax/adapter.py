@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from grc_jax.core.config import Config, load_config, save_config
+from grc_jax.core.config import EXECUTION_FIELDS, Config, load_config, save_config
 from grc_jax.core.errors import ModelLoadError
 from grc_jax.core.trees import path_names
 from grc_jax.model.params import GRCParams, init_grc_params, is_adapter_leaf
@@ -149,10 +149,10 @@ def load_adapter(
     checked with `check_base`). Every adapter leaf must be present with its shape; nothing else."""
     path = Path(path)
     cfg = load_config(path / "config.yaml")
-    # The compute dtype and remat policy do not change the parameters (`train.resume`).
-    same = dataclasses.replace(
-        cfg.model, dtype=base_cfg.model.dtype, remat_policy=base_cfg.model.remat_policy
-    )
+    # Execution options do not change the parameters (`EXECUTION_FIELDS`); the scanned layers
+    # do change the LoRA factors' shapes, and the base is imported with the adapter's.
+    keep = [f for f in EXECUTION_FIELDS if f != "scan_layers"]
+    same = dataclasses.replace(cfg.model, **{f: getattr(base_cfg.model, f) for f in keep})
     if same != base_cfg.model:
         diff = [
             f"model.{f.name}: {getattr(base_cfg.model, f.name)!r} (base) -> "

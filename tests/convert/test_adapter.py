@@ -100,6 +100,26 @@ def test_adapter_over_its_base_equals_the_run(env):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
 
+def test_execution_options_may_differ_from_the_base(env, tmp_path):
+    """An adapter trained with other execution options (head-major attention, bfloat16 compute)
+    loads over the base imported with the defaults; a parameter-shaping key is refused."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(env.adapter, adapter)
+    original = load_config(adapter / "config.yaml")
+    options = ["model.attention_layout=head_major", "model.dtype=bfloat16"]
+    save_config(load_config(adapter / "config.yaml", options), adapter / "config.yaml")
+    got_cfg, got, _ = load_model(adapter, base=env.base)
+    assert got_cfg.model.attention_layout == "head_major" != original.model.attention_layout
+    _, want, _ = load_model(env.adapter, base=env.base)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    save_config(
+        load_config(adapter / "config.yaml", ["model.d_ff=128"]), adapter / "config.yaml"
+    )
+    with pytest.raises(ModelLoadError, match=r"model.d_ff: 64 \(base\) -> 128 \(adapter\)"):
+        load_model(adapter, base=env.base)
+
+
 def test_ensure_base_imports_the_recorded_source_once(env, tmp_path, monkeypatch):
     monkeypatch.setenv("GRC_JAX_CACHE", str(tmp_path / "cache"))
     info = read_info(env.adapter)

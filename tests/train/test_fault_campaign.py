@@ -5,6 +5,8 @@ killed run resumed to the end and compared bit for bit with an uninterrupted run
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from grc_jax.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +21,7 @@ def _campaign():
     return module
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_kill_at_step_save_and_commit_then_resume_bit_exact(tmp_path):
     campaign = _campaign()
     data = tmp_path / "synth"

@@ -121,6 +121,7 @@ def test_frozen_step_matches_the_full_gradient_step(extra):
             np.testing.assert_array_equal(got[key], initial[key], err_msg=key)
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_grad_norm_counts_only_trainable_leaves():
     cfg = _cfg(freeze_base=True)
     mesh, state, shardings = _state(cfg)

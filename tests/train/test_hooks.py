@@ -335,6 +335,7 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_train_runs_hooks_fetches_metrics_only_when_needed_and_closes_logger_once(
     tmp_path, monkeypatch
 ):

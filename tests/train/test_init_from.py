@@ -52,6 +52,7 @@ def _run_cfg(data, imp, tmp_path, *extra):
     )  # fmt: skip
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_tune_with_other_execution_options_keeps_the_base(base, tmp_path):
     data, imp = base
     cfg = _run_cfg(

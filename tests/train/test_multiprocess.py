@@ -98,6 +98,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss/total"] for r in rows}
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_two_processes_match_one_process_and_resume(tmp_path):
     data = tmp_path / "data"
     synthesize(data, seed=0, queries_per_doc=1)
@@ -133,6 +134,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     assert losses[5] < losses[1]
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_sigterm_to_one_process_checkpoints_all_at_a_common_step(tmp_path):
     """A preemption notice (SIGTERM) to any process: all agree on the next step, save it, exit."""
     data = tmp_path / "data"

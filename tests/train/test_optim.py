@@ -72,6 +72,7 @@ def test_freeze_base_trains_only_latents_and_head():
         assert changed == should, key
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_lora_starts_at_base_and_trains_only_factors():
     cfg = dataclasses.replace(CFG, train=TrainConfig(lora_rank=4, warmup_steps=1))
     params = init_grc_params(cfg, jax.random.key(0))

@@ -63,6 +63,7 @@ def _grc(*args, cwd):
     )
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_resume_in_new_process_is_bit_identical(data_dir, tmp_path):
     cfg = load_config(
         ROOT / "configs/tiny.yaml",
@@ -90,6 +91,7 @@ def test_resume_in_new_process_is_bit_identical(data_dir, tmp_path):
     assert straight[6] < straight[1]
 
 
+@pytest.mark.slow  # long: `make test-all` (README, Tests)
 def test_non_finite_update_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     base = _overrides(data_dir, tmp_path, "nan", "train.steps=6", "train.checkpoint_every=1")
     train(load_config(ROOT / "configs/tiny.yaml", base), max_steps=2, quiet=True)
