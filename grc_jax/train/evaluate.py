@@ -168,14 +168,22 @@ class Evaluator:
             f"retrieval_self_reason/{k_}": v for k_, v in self.retrieval(reasoned, doc_emb).items()
         }
         answers = [parse_answer(tok.decode([t for t in g if t != tok.eos_id])) for g in generated]
-        metrics["generation/exact_match"] = float(
-            np.mean([a == r.answer.strip() for a, r in zip(answers, self.records)])
-        )
+        exact = answer_exact_match(answers, self.records)
+        if exact is not None:  # omitted when no record has an answer (e.g. real text)
+            metrics["generation/exact_match"] = exact
         metrics["compression/token_accuracy"] = self.compression_accuracy(params)
         metrics["eval/queries"] = float(len(self.records))
         metrics["eval/corpus"] = float(len(self.corpus))
         assert all(math.isfinite(v) for v in metrics.values())
         return metrics
+
+
+def answer_exact_match(answers: list[str], records: list[GRCRecord]) -> float | None:
+    """The fraction of the records that have an answer whose parsed answer equals it; None when
+    no record has one (the figure would be vacuous)."""
+    pairs = [(a, r.answer.strip()) for a, r in zip(answers, records, strict=True)]
+    pairs = [(a, b) for a, b in pairs if b]
+    return float(np.mean([a == b for a, b in pairs])) if pairs else None
 
 
 def parse_answer(generated: str) -> str:

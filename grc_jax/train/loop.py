@@ -361,6 +361,8 @@ def summary_table(untrained: dict[str, float], final: dict[str, float]) -> str:
     ]  # fmt: skip
     lines = [f"{'metric':34s} {'untrained':>10s} {'trained':>10s}"]
     for k in keys:
+        if k not in untrained and k not in final:  # e.g. no answers to match
+            continue
         lines.append(
             f"{k:34s} {untrained.get(k, float('nan')):10.4f} {final.get(k, float('nan')):10.4f}"
         )

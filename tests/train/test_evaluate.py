@@ -4,7 +4,8 @@ import numpy as np
 
 from grc_jax.core.config import Config
 from grc_jax.data.schema import GRCRecord
-from grc_jax.train.evaluate import Evaluator, parse_answer
+from grc_jax.train.evaluate import Evaluator, answer_exact_match, parse_answer
+from grc_jax.train.loop import summary_table
 
 
 class _Tok:
@@ -54,3 +55,23 @@ def test_parse_answer():
     assert parse_answer("40 + 2 = 42 answer : 42") == "42"
     assert parse_answer("answer : 1 answer : 7 ") == "7"
     assert parse_answer("no marker here") == ""
+
+
+def test_exact_match_counts_only_records_with_an_answer():
+    with_answers = [
+        GRCRecord(query="q1", positive="d1", answer=" 42 "),
+        GRCRecord(query="q2", positive="d2"),  # no answer: left out
+        GRCRecord(query="q3", positive="d3", answer="7"),
+    ]
+    assert answer_exact_match(["42", "anything", "8"], with_answers) == 0.5
+    without = [GRCRecord(query="q", positive="d"), GRCRecord(query="r", positive="e")]
+    assert answer_exact_match(["", "x"], without) is None
+
+
+def test_summary_table_leaves_out_metrics_neither_side_has():
+    untrained = {"retrieval/ndcg@10": 0.1, "compression/token_accuracy": 0.2}
+    final = {"retrieval/ndcg@10": 0.8, "compression/token_accuracy": 0.5}
+    table = summary_table(untrained, final)
+    assert "generation/exact_match" not in table
+    assert "retrieval/ndcg@10" in table and "0.8000" in table
+    assert "nan" in summary_table(untrained, {**final, "generation/exact_match": 1.0})
