@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from benchmarks import one_pass, train_throughput
 
 MACHINE_KEYS = {
@@ -107,6 +109,7 @@ def test_retrieval_quality_end_to_end(tmp_path):
         assert saved["retrievers"]["all-MiniLM-L6-v2"]["recall@10"] == 1.0
 
 
+@pytest.mark.slow  # long: `make test-all`
 def test_cpu_tune_step_quick(tmp_path):
     from benchmarks import cpu_tune_step
 

@@ -78,7 +78,7 @@ def test_remat_and_scan_match_plain(params, policy, scan):
     np.testing.assert_array_equal(np.asarray(other.hidden), np.asarray(plain.hidden))
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_remat_gradients_match_plain(params, scan):
     batch = _batch(1)
 

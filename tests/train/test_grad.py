@@ -55,7 +55,7 @@ def test_partition_and_combine_round_trip():
 
 
 @pytest.mark.parametrize("extra", [{"freeze_base": True}, {"lora_rank": 2}])
-@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("microbatches", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_trainable_gradients_equal_the_full_gradient(extra, microbatches):
     cfg = _cfg(**extra)
     _, state, _ = _state(cfg)

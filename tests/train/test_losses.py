@@ -151,7 +151,7 @@ def test_combined_loss_is_weighted_sum_of_separate_terms(params):
     np.testing.assert_allclose(float(t2), want - 1.7 * float(m["loss/rep"]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("microbatches", [2, 4])
+@pytest.mark.parametrize("microbatches", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_grad_cache_microbatches_match_full_batch(params, microbatches):
     batch = _batch(1)
     grc = GRCConfig(num_latents=K, projection_dim=16, learnable_temperature=True)
@@ -234,7 +234,7 @@ def test_target_token_losses_equal_the_full_logits_sums(params, chunk):
         np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=1e-5)
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("microbatches", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_logits_at_targets_gives_the_same_loss_and_grads(params, microbatches):
     batch = _batch(5)
     grc = GRCConfig(num_latents=K, projection_dim=16, learnable_temperature=True)

@@ -105,7 +105,7 @@ def test_lora_starts_at_base_and_trains_only_factors():
     assert float(jnp.max(jnp.abs(moved - base))) > 0
 
 
-@pytest.mark.parametrize("scanned", [False, True])
+@pytest.mark.parametrize("scanned", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_lora_merge_matches_dense_delta(scanned):
     from grc_jax.model import init_params, stack_layers
 
