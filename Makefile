@@ -52,7 +52,7 @@ tune: $(STAMP) $(REAL) $(BASE)/import_info.json
 	$(VENV)/bin/grc eval $(ADAPTER) --data data/real/test.jsonl --limit 200 --skip retrieval --out $(TUNE_RUN)/eval/test.json
 	$(VENV)/bin/grc eval $(BASE) --data data/real/test.jsonl --limit 200 --skip retrieval --skip rag --out $(TUNE_RUN)/eval/test_base.json
 
-# `make test` (CI, under 20 minutes on 2 cores) leaves out the tests marked `slow`;
+# `make test` (CI, sized for 20 minutes on 2 cores) leaves out the tests marked `slow`;
 # `make test-all` runs them too (multi-process runs, kill-and-resume campaigns, long tunes).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

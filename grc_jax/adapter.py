@@ -18,7 +18,6 @@ with the adapter's leaves in place.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +27,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from grc_jax.core.config import EXECUTION_FIELDS, Config, load_config, save_config
+from grc_jax.core.config import (
+    EXECUTION_FIELDS,
+    Config,
+    load_config,
+    model_differences,
+    save_config,
+)
 from grc_jax.core.errors import ModelLoadError
 from grc_jax.core.trees import path_names
 from grc_jax.model.params import GRCParams, init_grc_params, is_adapter_leaf
@@ -149,17 +154,11 @@ def load_adapter(
     checked with `check_base`). Every adapter leaf must be present with its shape; nothing else."""
     path = Path(path)
     cfg = load_config(path / "config.yaml")
-    # Execution options do not change the parameters (`EXECUTION_FIELDS`); the scanned layers
-    # do change the LoRA factors' shapes, and the base is imported with the adapter's.
-    keep = [f for f in EXECUTION_FIELDS if f != "scan_layers"]
-    same = dataclasses.replace(cfg.model, **{f: getattr(base_cfg.model, f) for f in keep})
-    if same != base_cfg.model:
-        diff = [
-            f"model.{f.name}: {getattr(base_cfg.model, f.name)!r} (base) -> "
-            f"{getattr(cfg.model, f.name)!r} (adapter)"
-            for f in dataclasses.fields(same)
-            if getattr(same, f.name) != getattr(base_cfg.model, f.name)
-        ]
+    # Execution options do not change the parameters; the scanned layers do change the LoRA
+    # factors' shapes (the base is imported with the adapter's).
+    skip = tuple(f for f in EXECUTION_FIELDS if f != "scan_layers")
+    diff = model_differences(base_cfg.model, cfg.model, ("base", "adapter"), skip)
+    if diff:
         raise ModelLoadError(
             f"adapter {str(path)!r}: its model config differs from its base's: {'; '.join(diff)}"
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -277,6 +278,30 @@ class GRCConfig(_Section):
 # ModelConfig fields that choose how the model executes, not what it computes: a model is the same
 # model under any of their values (scan_layers stores the layers' params stacked, the same values).
 EXECUTION_FIELDS = ("dtype", "remat_policy", "scan_layers", "attention_layout")
+
+
+def model_differences(
+    a: ModelConfig, b: ModelConfig, labels: tuple[str, str], skip=EXECUTION_FIELDS
+) -> list[str]:
+    """The `model.*` keys on which `b` differs from `a`, as `model.key: a (label) -> b (label)`;
+    fields in `skip` (by default the execution options) are ignored, and floats compare at float32
+    precision (a GGUF stores `rms_norm_eps` as float32: 1e-5 in a config is the same model)."""
+    diffs = []
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if field.name in skip:
+            continue
+        if not (_float32(x) == _float32(y) if isinstance(x, float) else x == y):
+            diffs.append(f"model.{field.name}: {x!r} ({labels[0]}) -> {y!r} ({labels[1]})")
+    return diffs
+
+
+def _float32(x: float) -> float | bytes:
+    """`x` rounded to float32 (as bytes), or `x` itself beyond float32's range."""
+    try:
+        return struct.pack("f", x)
+    except OverflowError:
+        return x
 
 
 _AUTO_AXIS = dict(also=(-1,), note="-1: the remaining devices")

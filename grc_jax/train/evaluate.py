@@ -181,9 +181,8 @@ class Evaluator:
 def answer_exact_match(answers: list[str], records: list[GRCRecord]) -> float | None:
     """The fraction of the records that have an answer whose parsed answer equals it; None when
     no record has one (the figure would be vacuous)."""
-    pairs = [(a, r.answer.strip()) for a, r in zip(answers, records, strict=True)]
-    pairs = [(a, b) for a, b in pairs if b]
-    return float(np.mean([a == b for a, b in pairs])) if pairs else None
+    hits = [a == r.answer.strip() for a, r in zip(answers, records, strict=True) if r.answer.strip()]
+    return float(np.mean(hits)) if hits else None
 
 
 def parse_answer(generated: str) -> str:

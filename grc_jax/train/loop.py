@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from grc_jax.checkpoints import RunCheckpoints, load_imported, run_dir
 from grc_jax.core.batch import Batch
-from grc_jax.core.config import EXECUTION_FIELDS, Config, ModelConfig, save_config
+from grc_jax.core.config import Config, model_differences, save_config
 from grc_jax.core.errors import CheckpointError, ConfigError
 from grc_jax.core.sharding import check_batch_sharding, make_mesh
 from grc_jax.data.pipeline import train_dataset
@@ -104,30 +104,12 @@ def _global_batch(batch: Batch, shardings: Batch) -> Batch:
     )
 
 
-def _same_model(imported: ModelConfig, run: ModelConfig) -> list[str]:
-    """The `model.*` keys on which `run` differs from the imported model: execution options
-    (`EXECUTION_FIELDS`) may differ, and floats compare at float32 precision (a GGUF stores
-    `rms_norm_eps` as float32: 1e-5 in a config is the same model)."""
-    diffs = []
-    for field in dataclasses.fields(ModelConfig):
-        a, b = getattr(imported, field.name), getattr(run, field.name)
-        if field.name in EXECUTION_FIELDS:
-            continue
-        if isinstance(a, float) and isinstance(b, float):
-            same = np.float32(a) == np.float32(b)
-        else:
-            same = a == b
-        if not same:
-            diffs.append(f"model.{field.name}: {a!r} (imported) -> {b!r} (this run)")
-    return diffs
-
-
 def _load_init(cfg: Config):
     """The imported transformer params of `train.init_from`, in this run's layer layout."""
     if not cfg.train.init_from:
         return None
     imported_cfg, params = load_imported(cfg.train.init_from)
-    diffs = _same_model(imported_cfg.model, cfg.model)
+    diffs = model_differences(imported_cfg.model, cfg.model, ("imported", "this run"))
     k = params["latents"].shape[0]
     if k != cfg.grc.num_latents:
         diffs.append(f"grc.num_latents: {k} (imported latent table) -> {cfg.grc.num_latents}")
