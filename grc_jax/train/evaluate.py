@@ -181,7 +181,8 @@ class Evaluator:
 def answer_exact_match(answers: list[str], records: list[GRCRecord]) -> float | None:
     """The fraction of the records that have an answer whose parsed answer equals it; None when
     no record has one (the figure would be vacuous)."""
-    hits = [a == r.answer.strip() for a, r in zip(answers, records, strict=True) if r.answer.strip()]
+    pairs = zip(answers, records, strict=True)
+    hits = [a == r.answer.strip() for a, r in pairs if r.answer.strip()]
     return float(np.mean(hits)) if hits else None
 
 
