@@ -14,6 +14,10 @@ Each sequence b attends, with ONE softmax, over
 Grouped-query attention: `H_q = g * H_kv`, query head h reads KV head `h // g`. Nothing outside the
 valid lengths is read into the result: unused pages, unused memory slots and stale freed pages may
 hold anything, NaN included.
+
+A query that sees no key at all (no memory and no visible text, e.g. a padding token with
+`q_text_index = -1` in a sequence without memories, or an idle batch slot) returns exactly 0, in
+every implementation (the training attention's convention too).
 """
 
 from __future__ import annotations
@@ -91,4 +95,7 @@ def hybrid_paged_attention_reference(
     p_mem = probs[..., : n_slots * num_latents].reshape(b, t, hk, g, n_slots, num_latents)
     p_text = probs[..., n_slots * num_latents :]
     out = jnp.einsum("bthgjk,bjkhd->bthgd", p_mem, mv) + jnp.einsum("bthgn,bnhd->bthgd", p_text, tv)
+    # No visible key: the softmax above is uniform over masked scores; the contract says 0.
+    seen = mem_valid.any(axis=1)[:, None] | text_valid.any(axis=2)  # [b, t]
+    out = jnp.where(seen[:, :, None, None, None], out, 0.0)
     return out.reshape(b, t, hq, d).astype(q.dtype)
