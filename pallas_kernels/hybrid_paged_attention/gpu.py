@@ -55,10 +55,17 @@ def _swizzle(d: int, itemsize: int) -> int:
 def _kernel(
     len_ref, nmem_ref, bt_ref, mt_ref, q_ref, trig_ref, kp_ref, vp_ref, mk_ref, mv_ref,
     acc_out, stat_out,
-    kbuf, vbuf, qbuf, trigbuf, accbuf, statbuf, q_bar, mk_bar, mv_bar, tk_bar, tv_bar,
+    kbuf, vbuf, qbuf, trigbuf, accbuf, statbuf, q_bar, mk_bar, mv_bar, tk_bar, tv_bar, free_bar,
     *, g, d, rows, page_size, pages_per_block, num_latents, num_splits, has_memory, interpret,
 ):  # fmt: skip
-    """One program: query heads of KV head `h` of sequence `b` over tiles of split `s`."""
+    """One program: query heads of KV head `h` of sequence `b` over tiles of split `s`.
+
+    Ring protocol, per slot: `free_bar` completes a phase when the warpgroup has finished reading
+    the slot (every thread arrives after its last K/V load of the tile); a refill waits on it
+    before issuing the TMA, so a slot is never overwritten while a thread may still read it.
+    Both slots start free (one arrival each), and the last phase of each is awaited at the end,
+    so waits and arrivals alternate and every barrier ends balanced.
+    """
     f32 = jnp.float32
 
     def layout(x, lay):
@@ -79,6 +86,8 @@ def _kernel(
     hi = jnp.minimum(lo + chunk, n_tiles)
 
     plgpu.copy_gmem_to_smem(q_ref.at[b, h], qbuf, q_bar)
+    for slot in range(2):
+        plgpu.barrier_arrive(free_bar.at[slot])  # both ring slots start free
     plgpu.barrier_wait(q_bar)
     for i in range(g):
         accbuf[i] = layout(jnp.zeros((d,), f32), _PER_COL)
@@ -103,25 +112,31 @@ def _kernel(
             new_ls.append(ls[i] * alpha + jnp.sum(p))
         plgpu.barrier_wait(v_bar.at[slot])
         v = layout(vbuf.at[slot][...], _FULL).astype(f32)
+        plgpu.barrier_arrive(free_bar.at[slot])  # this thread's last read of the slot
         v = jnp.where(iota((rows, d), 0, _FULL) < n_valid, v, 0.0)
         for i in range(g):
             pv = jnp.sum(lax.broadcast_in_dim(probs[i], (rows, d), (0,)) * v, axis=0)
             accbuf[i] = layout(accbuf[i], _PER_COL) * alphas[i] + pv
         return tuple(new_ms), tuple(new_ls)
 
+    def refill(fetch, t, slot):
+        """Fetch tile `t` into `slot` once the slot's previous tile has been read by all."""
+        plgpu.barrier_wait(free_bar.at[slot])
+        fetch(t, slot)
+
     def stream(first, last, fetch, consume, carry):
         """Tiles `[first, last)` through the two-slot ring: fetch tile t+1 while using tile t."""
 
         @pl.when(first < last)
         def _():
-            fetch(first, 0)
+            refill(fetch, first, 0)
 
         def step(t, carry):
             slot = (t - first) % 2
 
             @pl.when(t + 1 < last)
             def _():
-                fetch(t + 1, 1 - slot)
+                refill(fetch, t + 1, 1 - slot)
 
             return consume(t, slot, carry)
 
@@ -176,6 +191,8 @@ def _kernel(
     text_hi = jnp.maximum(hi, n_mem) - n_mem
     ms, ls = stream(text_lo, text_hi, fetch_text, consume_text, carry)
 
+    for slot in range(2):
+        plgpu.barrier_wait(free_bar.at[slot])  # the slot's last release: balanced barriers
     for i in range(g):
         statbuf[0, i] = ms[i]
         statbuf[1, i] = ls[i]
@@ -287,6 +304,7 @@ def hybrid_paged_attention_gpu(
             plgpu.Barrier(num_arrivals=1, num_barriers=2),
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=2),
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=2),
+            plgpu.Barrier(num_arrivals=1, num_barriers=2),  # free_bar: slot read by all
         ],
         grid=(batch, hk, num_splits),
         grid_names=("b", "h", "s"),
