@@ -20,6 +20,11 @@ at 0..K-1, the chunk after it and the new latents after the chunk (2K + chunk).
 Generation runs on a paged KV cache with a shared latent-memory pool: requests are batched (fixed
 batch, padded), prompts are prefilled in fixed-size chunks and decoding is one jitted step per
 token, so nothing recompiles per token or per request.
+
+Attention: when `EngineOptions.attention_impl` selects a Pallas kernel (`auto` on a TPU or GPU, or
+forced), the engine lowers and compiles that kernel once at start-up on its real decode shapes;
+if that fails it logs one WARNING line and uses the pure-JAX reference for its whole lifetime
+(`Engine.attention_impl` says which was chosen).
 """
 
 from __future__ import annotations
@@ -42,13 +47,13 @@ from grc_jax.data.layout import gen, latents, one_per_row, text
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.infer.cache import PagePool, block_table, empty_cache
 from grc_jax.infer.memory import LatentMemory, model_fingerprint
-from grc_jax.infer.paged import StepInputs, paged_forward
+from grc_jax.infer.paged import StepInputs, decode_attention_args, paged_forward
 from grc_jax.infer.sampling import SamplingParams, sample
 from grc_jax.model import forward, unstack_layers
 from grc_jax.model.head import embed_from_pooled, pool_latents
 from grc_jax.model.params import GRCParams
 from grc_jax.model.rope import inverse_frequencies, rotate
-from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS
+from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS, resolve_impl, usable_impl
 
 GREEDY = SamplingParams()
 
@@ -175,10 +180,11 @@ class Engine:
         )
         self.mem_pool = {"k": jnp.zeros(mem_shape), "v": jnp.zeros(mem_shape)}
         self._inv_freq = jnp.asarray(inverse_frequencies(m))
+        self.attention_impl = self._checked_attention_impl()
         # The weights are an argument, not a closure: closed-over arrays would be baked into the
         # compiled program as constants (a second copy of the model, and a slow compile).
         step = lambda params, cache, mem, s: paged_forward(  # noqa: E731
-            params, m, cfg.grc, cache, mem, s, attention_impl=opts.attention_impl
+            params, m, cfg.grc, cache, mem, s, attention_impl=self.attention_impl
         )
         self._step = jax.jit(step, donate_argnums=(1,))
         self._sample = jax.jit(sample)
@@ -187,6 +193,37 @@ class Engine:
             return forward(p, m, cfg.grc, batch, return_kv=True)
 
         self._forward = jax.jit(train_forward)
+
+    def _checked_attention_impl(self) -> str:
+        """`opts.attention_impl`, or "reference" if the decode kernel it selects on this backend
+        does not lower and compile on this engine's decode shapes (logged once, by `usable_impl`).
+        Nothing is traced or compiled when the reference is selected (e.g. `auto` on CPU)."""
+        impl = self.opts.attention_impl
+        if resolve_impl(impl, 1) == "reference":
+            return impl
+        args = decode_attention_args(
+            self.model_params, self.cfg.model, self.cfg.grc, self.cache, self.mem_pool,
+            self._decode_step_shapes(),
+        )  # fmt: skip
+        return usable_impl(impl, *args)
+
+    def _decode_step_shapes(self) -> StepInputs:
+        """Shapes of one decode step's inputs (one token per sequence of the fixed batch)."""
+        B = self.opts.max_batch
+
+        def i32(*shape):
+            return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+        return StepInputs(
+            tokens=i32(B, 1), roles=i32(B, 1), positions=i32(B, 1), text_index=i32(B, 1),
+            block_tables=i32(B, self._table_width), text_lengths=i32(B),
+            mem_tables=i32(B, self.opts.max_memories), mem_counts=i32(B),
+        )  # fmt: skip
+
+    @property
+    def _table_width(self) -> int:
+        """Block-table entries per request: pages of `max_seq_len` text tokens."""
+        return -(-self.opts.max_seq_len // self.opts.page_size)
 
     # ------------------------------------------------------------------ memories and embeddings
 
@@ -326,7 +363,7 @@ class Engine:
         opts, n = self.opts, len(requests)
         if n > opts.max_batch:
             raise UsageError(f"{n} requests in one batch, the engine holds {opts.max_batch}")
-        width = -(-opts.max_seq_len // opts.page_size)
+        width = self._table_width
         pages, tables = [], np.zeros((opts.max_batch, width), np.int32)
         try:
             for b, r in enumerate(requests):

@@ -8,9 +8,11 @@ section 6). One function serves a prefill chunk (`C` tokens per sequence) and a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -74,20 +76,21 @@ def paged_forward(
     memories: dict[str, Array],
     step: StepInputs,
     attention_impl: str = "auto",
+    attention: Callable[..., Array] = hybrid_paged_attention,
 ) -> tuple[ModelOutput, dict[str, Array]]:
     """Run `step`'s tokens; returns (output with the chunk's (k, v), updated cache).
 
     `params` are per-layer transformer params; `cache` holds `k`, `v` `[L, n_pages, page_size, G,
     D]`; `memories` holds `k`, `v` `[L, n_mem, K, G, D]` (canonical keys). The output's `kv` is
     `[L, b, c, G, D]`, keys rotated at `positions` (what a compression pass turns into a latent
-    memory).
+    memory). `attention` is `hybrid_paged_attention` or a function with its signature.
     """
     inv_freq = jnp.asarray(inverse_frequencies(cfg))
 
     def attend(layer, q, k, v, kv_cache):
         k_cache = write_pages(kv_cache["k"], k, step.block_tables, step.text_index, layer)
         v_cache = write_pages(kv_cache["v"], v, step.block_tables, step.text_index, layer)
-        attended = hybrid_paged_attention(
+        attended = attention(
             q, step.text_index, k_cache[layer], v_cache[layer], step.block_tables,
             step.text_lengths, memories["k"][layer], memories["v"][layer], step.mem_tables,
             step.mem_counts, inv_freq, impl=attention_impl,
@@ -95,3 +98,26 @@ def paged_forward(
         return attended, {"k": k_cache, "v": v_cache}
 
     return decode(params, cfg, grc, step.tokens, step.roles, step.positions, attend, cache)
+
+
+def decode_attention_args(
+    params: Any,
+    cfg: ModelConfig,
+    grc: GRCConfig,
+    cache: dict[str, Array],
+    memories: dict[str, Array],
+    step: StepInputs,
+) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Shapes and dtypes of the arguments `paged_forward` gives hybrid paged attention for `step`
+    (every layer gives the same); traced abstractly, nothing is compiled or run."""
+    seen: list[tuple[jax.ShapeDtypeStruct, ...]] = []
+
+    def record(*args, impl):
+        seen.append(tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
+        return jnp.zeros_like(args[0])
+
+    def run(p, c, m, s):
+        paged_forward(p, cfg, grc, c, m, s, attention=record)  # only the trace is wanted
+
+    jax.eval_shape(run, params, cache, memories, step)
+    return seen[0]

@@ -7,10 +7,15 @@
   token per sequence); on a GPU, shapes the kernel does not support also fall back to the reference;
 - "reference", "tpu", "gpu": force one. A kernel forced on another backend runs in its Pallas
   interpreter (slow; for tests), and prefill chunks still use the reference.
+
+`usable_impl` is the start-up check of a long-lived caller (the inference engine): it lowers and
+compiles the kernel an `impl` selects once, on the caller's decode shapes, and answers "reference"
+(with one log line) when that fails, so a kernel that does not compile cannot take the caller down.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -60,10 +65,35 @@ def hybrid_paged_attention(*args, impl: str = "auto", **kwargs):
     return hybrid_paged_attention_reference(*args, **kwargs)
 
 
+def usable_impl(impl: str, *args: jax.ShapeDtypeStruct) -> str:
+    """`impl`, or "reference" when the decode kernel it selects here fails to lower or compile.
+
+    `args` are the shapes and dtypes of one decode step's arguments (`hybrid_paged_attention`'s
+    positional arguments). Nothing is compiled when `impl` selects the reference. A failure is
+    logged once, as one WARNING line naming the kernel, the backend and the error's first line.
+    """
+    backend = jax.default_backend()
+    chosen = resolve_impl(impl, args[0].shape[1], backend)
+    if chosen == "reference":
+        return impl
+    try:
+        jax.jit(functools.partial(hybrid_paged_attention, impl=chosen)).lower(*args).compile()
+    except Exception as e:  # any failure of the kernel's lowering or compile: fall back
+        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
+        _log.warning(
+            "hybrid paged attention: the %s kernel does not compile on backend %s (%s: %s); "
+            "using the reference implementation instead",
+            chosen, backend, type(e).__name__, first_line.strip(),
+        )  # fmt: skip
+        return "reference"
+    return impl
+
+
 __all__ = [
     "IMPLEMENTATIONS",
     "hybrid_paged_attention",
     "hybrid_paged_attention_reference",
     "resolve_impl",
     "rotate",
+    "usable_impl",
 ]
