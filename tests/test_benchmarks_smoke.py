@@ -124,3 +124,19 @@ def test_cpu_tune_step_quick(tmp_path):
         assert r["step_time_s"] > 0 and r["tokens_per_step"] > 0 and 0 < r["fill"] <= 1
         assert all(math.isfinite(x) for x in r["losses"])
     assert saved["variants"]["recipe: scan_layers flipped"]["scan_layers"] is True
+
+
+def test_loss_scaling_quick(tmp_path):
+    from benchmarks import loss_scaling
+
+    out = tmp_path / "loss_scaling.json"
+    loss_scaling.main(["--quick", "--occupancy-batches", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "loss_scaling"
+    assert MACHINE_KEYS <= set(saved["machine"])
+    r = saved["results"]["4"]
+    assert r["occupancy"]["batches"][0]["queries"] > 0
+    for key in ("pool_latents/old", "pool_latents/new", "info_nce/old", "info_nce/new"):
+        assert r[key]["flops"] > 0 and r[key]["temp_bytes"] > 0
+    # The one-hot matmul is gone.
+    assert r["pool_latents/new"]["flops"] < r["pool_latents/old"]["flops"] / 10

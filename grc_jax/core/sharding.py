@@ -196,6 +196,16 @@ def activation_sharding(mesh: Mesh) -> Iterator[Mesh]:
         _ACTIVE_MESH.reset(token)
 
 
+def current_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` context; None outside one."""
+    return _ACTIVE_MESH.get()
+
+
+def batch_mesh_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes of size > 1 that split the batch's rows (`activation_batch`)."""
+    return tuple(a for a in _RULES["activation_batch"] if mesh.shape[a] > 1)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside a mesh context."""
     mesh = _ACTIVE_MESH.get()

@@ -9,6 +9,7 @@ fixed length and add `segment_ids`. At LATENT slots `tokens` holds the latent in
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -35,7 +36,17 @@ class Span:
     def __post_init__(self):
         # Without the test-time type checker a list or numpy array may come in: store a hashable
         # tuple of plain ints all the same.
-        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+        object.__setattr__(self, "tokens", _int_tuple(self.tokens))
+
+
+def _int_tuple(ids: Iterable[int | np.integer]) -> tuple[int, ...]:
+    """`ids` as a tuple of plain ints (`int(t)` of each), converted by numpy rather than a
+    Python loop per token."""
+    if isinstance(ids, (tuple, list)) and set(map(type, ids)) <= {int}:
+        return tuple(ids)  # already plain ints (a tokenizer's output)
+    if not isinstance(ids, (tuple, list, np.ndarray)):
+        ids = list(ids)
+    return tuple(np.asarray(ids, dtype=np.int64).reshape(-1).tolist())
 
 
 Block = Sequence[Span]
@@ -44,12 +55,12 @@ Example = Sequence[Block]
 
 def text(ids: Iterable[int | np.integer]) -> Span:
     """A context span (no loss)."""
-    return Span(TEXT, tuple(int(t) for t in ids))
+    return Span(TEXT, _int_tuple(ids))
 
 
 def gen(ids: Iterable[int | np.integer]) -> Span:
     """A generation-target span (next-token loss)."""
-    return Span(GEN, tuple(int(t) for t in ids))
+    return Span(GEN, _int_tuple(ids))
 
 
 def latents(k: int) -> Span:
@@ -99,9 +110,9 @@ def _check_block(block: Block, num_latents: int, example_index: int | None, b: i
             raise LayoutError(f"{where}: role PAD is reserved for packing padding, not for input")
         if len(span.tokens) == 0:
             raise LayoutError(f"{where}: empty span ({role.name} with no tokens)")
-        negative = [t for t in span.tokens if t < 0]
-        if negative:
-            raise LayoutError(f"{where}: negative token id {negative[0]} in a {role.name} span")
+        if min(span.tokens) < 0:
+            first = next(t for t in span.tokens if t < 0)
+            raise LayoutError(f"{where}: negative token id {first} in a {role.name} span")
         if role == LATENT:
             latent_spans.append(s)
     if not latent_spans:
@@ -149,27 +160,34 @@ def layout_example(
     if len(example) == 0:
         raise LayoutError(f"{_where(example_index)}: empty example (it needs at least one block)")
     k = int(num_latents)
-    tokens, block_ids, roles, positions = [], [], [], []
-    n_compression = 0
-    for b, block in enumerate(example):
-        is_compression = _check_block(block, k, example_index, b)
-        block_tokens = [t for span in block for t in span.tokens]
-        block_roles = [int(span.role) for span in block for _ in span.tokens]
-        length = len(block_tokens)
+    # Per block and span here, per token only inside numpy: each span's length and role, each
+    # block's length and its first position less its first token's index.
+    span_lengths, span_roles, block_lengths, offsets = [], [], [], []
+    n_tokens = n_compression = 0
+    for block_index, block in enumerate(example):
+        is_compression = _check_block(block, k, example_index, block_index)
+        lengths = [len(span.tokens) for span in block]
+        length = sum(lengths)
         if memory_mode == "recurrent":
-            start = len(tokens)
+            start = n_tokens
         elif is_compression:
             start = n_compression * k - (length - k)
         else:
             start = n_compression * k
-        tokens += block_tokens
-        roles += block_roles
-        block_ids += [b] * length
-        positions += range(start, start + length)
+        span_lengths += lengths
+        span_roles += [int(span.role) for span in block]
+        block_lengths.append(length)
+        offsets.append(start - n_tokens)
+        n_tokens += length
         n_compression += is_compression
-    arrays = (tokens, block_ids, roles, positions)
+    all_ids = itertools.chain.from_iterable(span.tokens for block in example for span in block)
+    positions = np.arange(n_tokens, dtype=np.int32)
+    positions += np.repeat(np.asarray(offsets, np.int32), block_lengths)
     return {
-        key: np.asarray(a, dtype=np.int32) for key, a in zip(_EXAMPLE_KEYS, arrays, strict=True)
+        "tokens": np.fromiter(all_ids, np.int32, n_tokens),
+        "block_ids": np.repeat(np.arange(len(example), dtype=np.int32), block_lengths),
+        "roles": np.repeat(np.asarray(span_roles, np.int32), span_lengths),
+        "positions": positions,
     }
 
 

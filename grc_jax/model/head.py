@@ -44,20 +44,27 @@ def pool_latents(
     num_slots: int,
     pooling: str,
 ) -> Float[Array, "b s d"]:
-    """Per example slot `s` (segment id `s + 1`): mean or last of block 0's latent hidden states."""
-    latent0 = (roles == LATENT) & (block_ids == 0)
-    slot = segment_ids[:, :, None] == jnp.arange(1, num_slots + 1)[None, None, :]  # [b, t, s]
-    member = (slot & latent0[:, :, None]).astype(jnp.float32)
-    if pooling == "last":
-        # One-hot of the highest index among each slot's block-0 latents.
-        idx = jnp.arange(hidden.shape[1], dtype=jnp.float32)[None, :, None]
-        last = jnp.max(member * (idx + 1), axis=1, keepdims=True) - 1
-        member = member * (idx == last)
-    elif pooling != "mean":
+    """Per example slot `s` (segment id `s + 1`): mean or last of block 0's latent hidden states
+    (float32; zeros for a slot without latents)."""
+    if pooling not in ("mean", "last"):
         raise ConfigError(f"grc.pooling: expected 'mean' or 'last', got {pooling!r}")
-    counts = jnp.maximum(jnp.sum(member, axis=1), 1.0)  # [b, s]
-    summed = jnp.einsum("bts,btd->bsd", member, hidden.astype(jnp.float32))
-    return summed / counts[..., None]
+    latent0 = (roles == LATENT) & (block_ids == 0)
+    # Slot index of each block-0 latent; every other token gets `num_slots`, out of range, which
+    # the segment reductions drop (as they drop segment ids past `num_slots`).
+    slot = jnp.where(latent0, segment_ids - 1, num_slots)
+    h = hidden.astype(jnp.float32)
+    # Per row (vmap), so that the reductions keep the batch axis and a batch sharded over devices
+    # stays sharded; a scatter-add over `t` costs O(b t d), not the O(b t s d) of a one-hot matmul.
+    if pooling == "mean":
+        summed = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_slots))(h, slot)
+        ones = latent0.astype(jnp.float32)
+        counts = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_slots))(ones, slot)
+        return summed / jnp.maximum(counts, 1.0)[..., None]
+    index = jnp.broadcast_to(jnp.arange(h.shape[1]), slot.shape)
+    last = jax.vmap(lambda x, s: jax.ops.segment_max(x, s, num_slots))(index, slot)  # [b, s]
+    found = last >= 0  # an empty slot gets the int32 minimum
+    picked = jnp.take_along_axis(h, jnp.where(found, last, 0)[..., None], axis=1)
+    return jnp.where(found[..., None], picked, 0.0)
 
 
 def embed_from_pooled(head: HeadParams, pooled: Float[Array, "*b d"]) -> Float[Array, "*b p"]:

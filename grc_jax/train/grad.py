@@ -121,17 +121,22 @@ def _loss_and_grads(
         return slot_embeddings(whole.head, out.hidden, mb, grc)
 
     emb = jax.lax.stop_gradient(jax.lax.map(embed, mbs))  # [n, slots_per_mb, P]
-    # Slots in microbatch-major order, matching the flattened microbatch metadata below.
-    flat_meta = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), mbs)
+    # Back to the batch's own row order (microbatch i holds rows i, i + n, ...), where the slots
+    # of each device's rows are one contiguous block: InfoNCE splits the slots over the devices.
+    rows, slots = batch.seg_kind.shape
+    n_mb, rows_mb = microbatches, rows // microbatches
+
+    def to_rows(e):  # [n, rows_mb * S, P] -> [B * S, P]
+        return jnp.swapaxes(e.reshape(n_mb, rows_mb, slots, -1), 0, 1).reshape(-1, e.shape[-1])
 
     def rep_fn(emb_flat, head):
-        rep_sum, rep_n = rep_loss_from_embeddings(emb_flat, head, flat_meta, grc)
+        rep_sum, rep_n = rep_loss_from_embeddings(emb_flat, head, batch, grc)
         return rep_sum / jnp.maximum(rep_n, 1.0), rep_n
 
     (l_rep, rep_n), (g_emb, g_head) = jax.value_and_grad(rep_fn, argnums=(0, 1), has_aux=True)(
-        emb.reshape(-1, emb.shape[-1]), whole.head
+        to_rows(emb), whole.head
     )
-    g_emb = g_emb.reshape(emb.shape)
+    g_emb = jnp.swapaxes(g_emb.reshape(rows_mb, n_mb, slots, -1), 0, 1).reshape(emb.shape)
 
     # Pass 2: re-forward each microbatch with gradients on its surrogate loss.
     def surrogate(p, mb, g):

@@ -11,7 +11,8 @@ the negatives.
 Normalisation: `L_gen` and `L_comp` are sums of token cross-entropies divided by the number of
 target tokens of that kind in the GLOBAL batch (every target token weighs the same, whatever its
 row or device); `L_rep` is the mean over the global batch's queries of the InfoNCE loss against
-every document of the global batch.
+every document of the global batch (`grc_jax.train.infonce`: only the query and document slots
+are scored, each device scoring its own queries).
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from jaxtyping import Array, Float, Int
 
 from grc_jax.core.batch import Batch
 from grc_jax.core.config import GRCConfig, ModelConfig
-from grc_jax.core.roles import DOC, QUERY
 from grc_jax.model import forward, project_logits
 from grc_jax.model.head import HeadParams, embed_from_pooled, pool_latents, temperature
 from grc_jax.model.params import GRCParams
-
-_NEG = -1e30
+from grc_jax.train.infonce import info_nce
 
 
 def token_cross_entropy(
@@ -107,34 +106,6 @@ def token_loss_sums(
     gen_sum, _ = token_cross_entropy(out.logits, batch.targets, batch.gen_weights)
     comp_sum, _ = token_cross_entropy(out.logits, batch.targets, batch.comp_weights)
     return gen_sum, comp_sum
-
-
-def info_nce(
-    emb: Float[Array, "n p"],
-    kind: Int[Array, " n"],
-    group: Int[Array, " n"],
-    positive: Int[Array, " n"],
-    doc: Int[Array, " n"],
-    temp: Array,
-) -> tuple[Array, Array]:
-    """(sum over queries of InfoNCE, number of queries) over flattened example slots.
-
-    Each query is scored against every document slot; its target is the document of its own group
-    flagged positive. Other copies of the same document text are removed from its negatives.
-    A query without a positive in the batch is ignored.
-    """
-    is_q = kind == QUERY
-    is_d = kind == DOC
-    scores = (emb @ emb.T) / temp  # [query slot, doc slot]
-    pos = is_d[None, :] & (positive[None, :] == 1) & (group[None, :] == group[:, None])
-    duplicate = is_d[None, :] & (doc[None, :] == doc[:, None]) & ~pos
-    allowed = is_d[None, :] & ~duplicate
-    scores = jnp.where(allowed, scores, _NEG)
-    logz = jax.nn.logsumexp(scores, axis=-1)
-    has_pos = is_q & jnp.any(pos, axis=-1)
-    pos_score = jnp.max(jnp.where(pos, scores, _NEG), axis=-1)
-    per_query = jnp.where(has_pos, logz - pos_score, 0.0)
-    return jnp.sum(per_query), jnp.sum(has_pos.astype(jnp.float32))
 
 
 def slot_embeddings(head: HeadParams, hidden, batch, grc: GRCConfig) -> Float[Array, "n p"]:

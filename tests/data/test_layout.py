@@ -207,6 +207,55 @@ def _random_example(rng, k):
     return blocks
 
 
+def _layout_example_reference(example, num_latents, memory_mode):
+    """`layout_example` as first written (Python lists, a step per token), kept as the reference
+    for the one that builds each block with numpy."""
+    k = num_latents
+    tokens, block_ids, roles, positions = [], [], [], []
+    n_compression = 0
+    for b, block in enumerate(example):
+        is_compression = any(span.role == LATENT for span in block)
+        block_tokens = [t for span in block for t in span.tokens]
+        block_roles = [int(span.role) for span in block for _ in span.tokens]
+        length = len(block_tokens)
+        if memory_mode == "recurrent":
+            start = len(tokens)
+        elif is_compression:
+            start = n_compression * k - (length - k)
+        else:
+            start = n_compression * k
+        tokens += block_tokens
+        roles += block_roles
+        block_ids += [b] * length
+        positions += range(start, start + length)
+        n_compression += is_compression
+    arrays = (tokens, block_ids, roles, positions)
+    return {key: np.asarray(a, dtype=np.int32) for key, a in zip(_KEYS, arrays, strict=True)}
+
+
+_KEYS = ("tokens", "block_ids", "roles", "positions")
+
+
+@pytest.mark.parametrize("mode", ["independent", "recurrent"])
+def test_layout_example_equals_the_reference(mode):
+    rng = np.random.default_rng(1)
+    for k in (1, 3):
+        for _ in range(200):
+            example = _random_example(rng, k)
+            got = layout_example(example, k, mode)
+            want = _layout_example_reference(example, k, mode)
+            assert set(got) == set(want)
+            for key in _KEYS:
+                assert got[key].dtype == np.int32, key
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_span_ids_from_any_iterable():
+    assert text(iter([4, np.int64(5)])) == text(x for x in (4, 5)) == Span(TEXT, (4, 5))
+    assert all(type(t) is int for t in text(np.array([4, 5], np.int32)).tokens)
+    assert gen(range(3)).tokens == (0, 1, 2)
+
+
 @pytest.mark.parametrize("mode", ["independent", "recurrent"])
 def test_row_packer_streaming_equals_pack_examples(mode):
     rng = np.random.default_rng(0)
