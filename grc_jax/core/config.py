@@ -229,6 +229,11 @@ class ModelConfig(_Section):
     # How attention lays out its einsums (`grc_jax.model.layers.dot_product_attention`): the same
     # math; head_major is about twice as fast on CPU, token_major is what earlier runs computed.
     attention_layout: Literal["token_major", "head_major"] = "token_major"
+    # The training pass's attention (docs/architecture.md, "Attention implementations"): `dense`
+    # builds the [t, t] mask (the reference); `chunked` is GRC flash attention in pure JAX, memory
+    # O(t x attention_chunk); `kernel` is its Pallas TPU kernel (the chunked one elsewhere).
+    attention_impl: Literal["dense", "chunked", "kernel"] = "dense"
+    attention_chunk: int = _num(512, ge=8)
 
     def _relations(self, key: str) -> None:
         _check(
@@ -277,7 +282,10 @@ class GRCConfig(_Section):
 
 # ModelConfig fields that choose how the model executes, not what it computes: a model is the same
 # model under any of their values (scan_layers stores the layers' params stacked, the same values).
-EXECUTION_FIELDS = ("dtype", "remat_policy", "scan_layers", "attention_layout")
+EXECUTION_FIELDS = (
+    "dtype", "remat_policy", "scan_layers", "attention_layout", "attention_impl",
+    "attention_chunk",
+)  # fmt: skip
 
 
 def model_differences(

@@ -10,6 +10,7 @@ from jaxtyping import Array, Bool, Float
 from grc_jax.core.config import ModelConfig
 from grc_jax.core.constants import MASK_VALUE
 from grc_jax.core.sharding import constrain
+from grc_jax.model.flash import FlashLayout, flash_attention
 from grc_jax.model.lora import add_lora
 from grc_jax.model.rope import apply_rope
 
@@ -87,8 +88,11 @@ def dot_product_attention(
         q = q.reshape(b, t, g, qpk, d)
         scores = jnp.einsum("btgqd,bsgd->bgqts", q, k, preferred_element_type=jnp.float32)
         scores = scores * (d**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    mask = mask[:, None, None, :, :]
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    # A query that sees no key (padding) attends to nothing: output 0 in every implementation.
+    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), jax.nn.softmax(scores, axis=-1), 0.0)
+    probs = probs.astype(v.dtype)
     if layout == "head_major":
         out = jnp.einsum("bgms,bgsd->bgmd", probs.reshape(b, g, qpk * t, -1), v_gsd)
         return out.reshape(b, g, qpk, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
@@ -158,8 +162,13 @@ class Attention(nn.Module):
         return self.o(attended)
 
     def __call__(self, x, mask, cos, sin):
+        """`mask`: the dense `[b, t, t]` mask, or a `FlashLayout` for the flash implementations
+        (`Transformer.attention_inputs` builds the one `cfg.attention_impl` asks for)."""
         q, k, v = self.project(x, cos, sin)
-        attended = dot_product_attention(q, k, v, mask, self.cfg.attention_layout)
+        if isinstance(mask, FlashLayout):
+            attended = flash_attention(q, k, v, mask)
+        else:
+            attended = dot_product_attention(q, k, v, mask, self.cfg.attention_layout)
         return self.output(attended), (k, v)
 
 

@@ -26,9 +26,10 @@ from grc_jax.core.batch import Rows
 from grc_jax.core.config import GRCConfig, ModelConfig
 from grc_jax.core.roles import LATENT
 from grc_jax.core.sharding import constrain
+from grc_jax.model.flash import FlashLayout, flash_layout
 from grc_jax.model.layers import DecoderLayer, RMSNorm, _init, compute_dtype
 from grc_jax.model.lora import lora_collection
-from grc_jax.model.mask import grc_mask
+from grc_jax.model.mask import TokenMeta, grc_mask
 from grc_jax.model.rope import inverse_frequencies, rope_angles
 
 _REMAT_POLICIES = {
@@ -123,6 +124,14 @@ class Transformer(nn.Module):
             ("activation_batch", "activation_length", "activation_vocab"),
         )
 
+    def attention_inputs(self, segment_ids, block_ids, roles) -> Array | FlashLayout:
+        """What every layer's attention reads: the dense mask (`attention_impl="dense"`) or the
+        per-token metadata and tile map of flash attention (computed once, not per layer)."""
+        if self.cfg.attention_impl == "dense":
+            return grc_mask(segment_ids, block_ids, roles, self.memory_mode)
+        meta = TokenMeta.build(segment_ids, block_ids, roles, self.memory_mode)
+        return flash_layout(meta, self.cfg.attention_chunk)
+
     def __call__(
         self,
         tokens: Int[Array, "b t"],
@@ -132,7 +141,7 @@ class Transformer(nn.Module):
         positions: Int[Array, "b t"],
     ) -> ModelOutput:
         x = self.embed_inputs(tokens, roles)
-        mask = grc_mask(segment_ids, block_ids, roles, self.memory_mode)
+        mask = self.attention_inputs(segment_ids, block_ids, roles)
         cos, sin = rope_angles(positions, inverse_frequencies(self.cfg))
         if self.cfg.scan_layers:
             x, kv = self.layers(x, mask, cos, sin)

@@ -33,7 +33,10 @@ PARAM_KEYS = (
     "train.init_from",
     "data.tokenizer",  # the meaning of the embedding rows
 )
-FREE_MODEL_KEYS = ("model.dtype", "model.remat_policy", "model.attention_layout")
+FREE_MODEL_KEYS = (
+    "model.dtype", "model.remat_policy", "model.attention_layout", "model.attention_impl",
+    "model.attention_chunk",
+)  # fmt: skip
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
