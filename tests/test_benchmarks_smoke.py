@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks import one_pass, train_throughput
+from benchmarks import long_context, one_pass, train_throughput
 
 MACHINE_KEYS = {
     "date_utc",
@@ -140,3 +140,17 @@ def test_loss_scaling_quick(tmp_path):
         assert r[key]["flops"] > 0 and r[key]["temp_bytes"] > 0
     # The one-hot matmul is gone.
     assert r["pool_latents/new"]["flops"] < r["pool_latents/old"]["flops"] / 10
+
+
+def test_long_context_quick(tmp_path):
+    out = tmp_path / "long_context.json"
+    long_context.main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "long_context" and MACHINE_KEYS <= set(saved["machine"])
+    got = {(r["seq_len"], r["impl"]): r for r in saved["results"]}
+    assert set(got) == {(t, i) for t in (128, 256) for i in ("dense", "chunked")}
+    for r in got.values():
+        assert r["compiles"] and r["temp_bytes"] > 0 and r["total_bytes"] >= r["temp_bytes"]
+    for impl in ("dense", "chunked"):  # the timed length ran, and both reach the same loss
+        assert got[(256, impl)]["step_s"] > 0 and math.isfinite(got[(256, impl)]["loss"])
+    assert math.isclose(got[(256, "dense")]["loss"], got[(256, "chunked")]["loss"], rel_tol=1e-4)
