@@ -51,16 +51,28 @@ class _Maps(NamedTuple):
     pair; `k_fetch` the key block to hold in VMEM at that step (j where the tile is computed, a
     neighbouring computed block where it is skipped, so the pipeline does not fetch a block no
     one reads). `tiles_t` / `q_fetch` are the same for the dk/dv kernel's (key, query) order.
-    `rows` is the metadata with tokens along sublanes (`[b, F, t, 128]`, broadcast across lanes),
-    `cols` with tokens along lanes (`[b, F, 8, t]`, broadcast across sublanes).
+    `rows` is the metadata with tokens along sublanes (`[b, t, 128]`, field f in lane f), `cols`
+    with tokens along lanes (`[b, 8, t]`, field f in sublane f): one (8, 128)-tiled array each,
+    so a block of either is a whole number of tiles.
     """
 
     tiles: Int[Array, " n"]
     k_fetch: Int[Array, " n"]
     tiles_t: Int[Array, " n"]
     q_fetch: Int[Array, " n"]
-    rows: Int[Array, "b f t lanes"]
-    cols: Int[Array, "b f sublanes t"]
+    rows: Int[Array, "b t lanes"]
+    cols: Int[Array, "b sublanes t"]
+
+
+def _dot(a, b, dims):
+    """float32-accumulated `a @ b` (or `a @ b.T`).
+
+    float32 operands follow `jax_default_matmul_precision`, like the chunked implementation;
+    narrower ones use the MXU's native pass (exact products, float32 sums): Mosaic rejects a
+    float32-contract precision on bf16 operands, which the global setting would ask for.
+    """
+    precision = None if a.dtype == jnp.float32 else lax.Precision.DEFAULT
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,17 +84,17 @@ def _tile_mask(q_meta, k_meta, q_start, k_start, mode: str, keys_in_rows: bool):
     """Visibility of one tile, `[queries, keys]` (or `[keys, queries]` when `keys_in_rows`), by
     the one GRC rule (`mask.visible`) on the metadata blocks of its queries and keys.
 
-    The rows-layout block (`[F, n, 128]`) gives each field as `[n, 1]`, the cols-layout block
-    (`[F, 8, n]`) as `[1, n]`; `visible` broadcasts them to the tile.
+    The rows-layout block (`[n, 128]`, field f in lane f) gives each field as `[n, 1]`, the
+    cols-layout block (`[8, n]`, field f in sublane f) as `[1, n]`; `visible` broadcasts them.
     """
     n_fields = len(_FIELDS)
     if keys_in_rows:
-        k = [k_meta[f, :, :1] for f in range(n_fields)]
-        q = [q_meta[f, :1, :] for f in range(n_fields)]
+        k = [k_meta[:, f : f + 1] for f in range(n_fields)]
+        q = [q_meta[f : f + 1, :] for f in range(n_fields)]
         shape, q_axis = (k[0].shape[0], q[0].shape[1]), 1
     else:
-        q = [q_meta[f, :, :1] for f in range(n_fields)]
-        k = [k_meta[f, :1, :] for f in range(n_fields)]
+        q = [q_meta[:, f : f + 1] for f in range(n_fields)]
+        k = [k_meta[f : f + 1, :] for f in range(n_fields)]
         shape, q_axis = (q[0].shape[0], k[0].shape[1]), 0
     q_idx = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
     k_idx = k_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
@@ -91,7 +103,7 @@ def _tile_mask(q_meta, k_meta, q_start, k_start, mode: str, keys_in_rows: bool):
 
 def _forward_kernel(
     tiles_ref, k_fetch_ref,  # scalar prefetch (SMEM)
-    q_ref, k_ref, v_ref, q_meta_ref, k_meta_ref,  # [p,bq,d] [bk,d] [bk,d] [F,bq,128] [F,8,bk]
+    q_ref, k_ref, v_ref, q_meta_ref, k_meta_ref,  # [p,bq,d] [bk,d] [bk,d] [bq,128] [8,bk]
     o_ref, lse_ref,  # [p,bq,d] [p,bq,1]
     m_ref, l_ref, acc_ref,  # f32 scratch [p,bq,1] [p,bq,1] [p,bq,d]
     *, mode: str, scale: float, nq: int, nk: int,
@@ -111,14 +123,14 @@ def _forward_kernel(
         k, v = k_ref[...], v_ref[...]
         for r in range(q_ref.shape[0]):
             # Scaled after the product, as the dense reference does (bit-closer in fp32).
-            s = lax.dot_general(q_ref[r], k, _NT, preferred_element_type=jnp.float32) * scale
+            s = _dot(q_ref[r], k, _NT) * scale
             m_prev = m_ref[r]
             s_max = jnp.max(jnp.where(mask, s, MASK_VALUE), axis=1, keepdims=True)
             m_new = jnp.maximum(m_prev, s_max)
             p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
             alpha = jnp.exp(m_prev - m_new)
             l_ref[r] = alpha * l_ref[r] + jnp.sum(p, axis=1, keepdims=True)
-            pv = lax.dot_general(p.astype(v.dtype), v, _NN, preferred_element_type=jnp.float32)
+            pv = _dot(p.astype(v.dtype), v, _NN)
             acc_ref[r] = alpha * acc_ref[r] + pv
             m_ref[r] = m_new
 
@@ -150,13 +162,11 @@ def _dq_kernel(
         mask = _tile_mask(q_meta_ref, k_meta_ref, i * bq, j * bk, mode, keys_in_rows=False)
         k, v = k_ref[...], v_ref[...]
         for r in range(q_ref.shape[0]):
-            s = lax.dot_general(q_ref[r], k, _NT, preferred_element_type=jnp.float32) * scale
+            s = _dot(q_ref[r], k, _NT) * scale
             p = jnp.where(mask, jnp.exp(s - lse_ref[r]), 0.0)
-            dp = lax.dot_general(do_ref[r], v, _NT, preferred_element_type=jnp.float32)
+            dp = _dot(do_ref[r], v, _NT)
             ds = p * (dp - delta_ref[r]) * scale
-            dq_acc[r] += lax.dot_general(
-                ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32
-            )
+            dq_acc[r] += _dot(ds.astype(k.dtype), k, _NN)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -166,7 +176,7 @@ def _dq_kernel(
 def _dkv_kernel(
     tiles_ref, q_fetch_ref,  # scalar prefetch (SMEM), (key block, query block) order
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, k_meta_ref, q_meta_ref,
-    # [p,bq,d] [bk,d] [bk,d] [p,bq,d] [p,1,bq] [p,1,bq] [F,bk,128] [F,8,bq]
+    # [p,bq,d] [bk,d] [bk,d] [p,bq,d] [p,1,bq] [p,1,bq] [bk,128] [8,bq]
     dk_ref, dv_ref,  # [bk,d]
     dk_acc, dv_acc,  # f32 scratch [bk,d]
     *, mode: str, scale: float, nq: int, nk: int,
@@ -187,16 +197,12 @@ def _dkv_kernel(
         k, v = k_ref[...], v_ref[...]
         for r in range(q_ref.shape[0]):
             q, do = q_ref[r], do_ref[r]
-            s = lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * scale
+            s = _dot(k, q, _NT) * scale
             p = jnp.where(mask, jnp.exp(s - lse_ref[r]), 0.0)  # [bk, bq]
-            dv_acc[...] += lax.dot_general(
-                p.astype(v.dtype), do, _NN, preferred_element_type=jnp.float32
-            )
-            dp = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
+            dv_acc[...] += _dot(p.astype(v.dtype), do, _NN)
+            dp = _dot(v, do, _NT)
             ds = p * (dp - delta_ref[r]) * scale
-            dk_acc[...] += lax.dot_general(
-                ds.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32
-            )
+            dk_acc[...] += _dot(ds.astype(q.dtype), q, _NN)
 
     @pl.when(i == nq - 1)
     def _finish():
@@ -233,7 +239,6 @@ def _specs(q, k, st: _Static):
     p = h // k.shape[1]
     bq, bk = st.block_q, st.block_k
     nq, nk = t // bq, t // bk
-    n_fields = len(_FIELDS)
 
     def kb(bi, i, j, fetch):  # the key block held at step (bi, i, j)
         return fetch[(bi * nq + i) * nk + j]
@@ -243,10 +248,9 @@ def _specs(q, k, st: _Static):
         (None, None, bk, d), lambda bi, gi, i, j, tiles, fetch: (bi, gi, kb(bi, i, j, fetch), 0)
     )
     row_spec = pl.BlockSpec((None, p, bq, 1), lambda bi, gi, i, j, *_: (bi, gi, i, 0))
-    q_meta = pl.BlockSpec((None, n_fields, bq, LANES), lambda bi, gi, i, j, *_: (bi, 0, i, 0))
+    q_meta = pl.BlockSpec((None, bq, LANES), lambda bi, gi, i, j, *_: (bi, i, 0))
     k_meta = pl.BlockSpec(
-        (None, n_fields, SUBLANES, bk),
-        lambda bi, gi, i, j, tiles, fetch: (bi, 0, 0, kb(bi, i, j, fetch)),
+        (None, SUBLANES, bk), lambda bi, gi, i, j, tiles, fetch: (bi, 0, kb(bi, i, j, fetch))
     )
     return q_spec, kv_spec, row_spec, q_meta, k_meta, (b, k.shape[1], nq, nk)
 
@@ -274,7 +278,7 @@ def _backward(q, k, v, maps: _Maps, out, lse, dout, st: _Static):
     g = k.shape[1]
     p, bq, bk = h // g, st.block_q, st.block_k
     nq, nk = t // bq, t // bk
-    n_fields, f32 = len(_FIELDS), jnp.float32
+    f32 = jnp.float32
     scale = d**-0.5
     # delta_i = rowsum(dO * O): the softmax backward's per-query term (0 for unseen queries).
     delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # [b, h, t, 1]
@@ -299,10 +303,9 @@ def _backward(q, k, v, maps: _Maps, out, lse, dout, st: _Static):
     col_at = pl.BlockSpec(
         (None, p, 1, bq), lambda bi, gi, j, i, tiles, fetch: (bi, gi, 0, qb(bi, j, i, fetch))
     )
-    k_rows = pl.BlockSpec((None, n_fields, bk, LANES), lambda bi, gi, j, i, *_: (bi, 0, j, 0))
+    k_rows = pl.BlockSpec((None, bk, LANES), lambda bi, gi, j, i, *_: (bi, j, 0))
     q_cols = pl.BlockSpec(
-        (None, n_fields, SUBLANES, bq),
-        lambda bi, gi, j, i, tiles, fetch: (bi, 0, 0, qb(bi, j, i, fetch)),
+        (None, SUBLANES, bq), lambda bi, gi, j, i, tiles, fetch: (bi, 0, qb(bi, j, i, fetch))
     )
     as_cols = lambda x: x.reshape(b, h, 1, t)  # noqa: E731
     dkv_kernel = functools.partial(_dkv_kernel, mode=st.memory_mode, scale=scale, nq=nq, nk=nk)
@@ -361,14 +364,15 @@ def _maps(meta: TokenMeta, block_q: int, block_k: int) -> _Maps:
     tiles_t = jnp.swapaxes(tiles, 1, 2)
     fields = jnp.stack([getattr(meta, f).astype(jnp.int32) for f in _FIELDS], axis=1)  # b F t
     b, n_fields, t = fields.shape
+    cols = jnp.pad(fields, [(0, 0), (0, SUBLANES - n_fields), (0, 0)])
     flat = lambda x: x.astype(jnp.int32).reshape(-1)  # noqa: E731
     return _Maps(
         tiles=flat(tiles),
         k_fetch=flat(fetch_index(tiles)),
         tiles_t=flat(tiles_t),
         q_fetch=flat(fetch_index(tiles_t)),
-        rows=jnp.broadcast_to(fields[..., None], (b, n_fields, t, LANES)),
-        cols=jnp.broadcast_to(fields[:, :, None, :], (b, n_fields, SUBLANES, t)),
+        rows=jnp.pad(jnp.swapaxes(fields, 1, 2), [(0, 0), (0, 0), (0, LANES - n_fields)]),
+        cols=cols,
     )
 
 

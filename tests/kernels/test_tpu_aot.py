@@ -34,18 +34,20 @@ TOPOLOGIES = {"v4": "v4:2x2x1", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """Attention shape of a model: query heads, KV heads, head dim, KV dtype."""
+    """Attention shape of a model: query heads, KV heads, head dim, KV dtype, and the training
+    sequence length (for the training kernels)."""
 
     heads: int
     kv_heads: int
     head_dim: int
     dtype: type
+    train_seq_len: int
 
 
 MODELS = {
-    "smollm2_f32": ModelShape(9, 3, 64, jnp.float32),  # 3 x 64 = 192 lanes: not 128-aligned
-    "smollm2_bf16": ModelShape(9, 3, 64, jnp.bfloat16),
-    "llama3_8b_bf16": ModelShape(32, 8, 128, jnp.bfloat16),
+    "smollm2_f32": ModelShape(9, 3, 64, jnp.float32, 2048),  # 3 x 64 = 192 lanes: not 128-aligned
+    "smollm2_bf16": ModelShape(9, 3, 64, jnp.bfloat16, 2048),
+    "llama3_8b_bf16": ModelShape(32, 8, 128, jnp.bfloat16, 4096),
 }
 
 Builder = Callable[[ModelShape], tuple[Callable, tuple[jax.ShapeDtypeStruct, ...]]]
@@ -76,9 +78,37 @@ def _hybrid_paged_attention_decode(m: ModelShape):
     return hybrid_paged_attention_tpu, tuple(jax.ShapeDtypeStruct(s, d) for s, d in shapes)
 
 
+def _flash_training(m: ModelShape, with_backward: bool, batch: int = 2, block: int = 512):
+    """GRC flash attention of the training pass (`grc_jax.model.flash_tpu`) at the model's
+    training length, blocks of 512: the forward alone, or `jax.vjp` (forward, dq and dk/dv)."""
+    from grc_jax.model.flash import flash_layout
+    from grc_jax.model.flash_tpu import flash_attention_tpu
+    from grc_jax.model.mask import TokenMeta
+
+    def fn(q, k, v, dout, segment_ids, block_ids, roles):
+        meta = TokenMeta.build(segment_ids, block_ids, roles, "independent")
+        layout = flash_layout(meta, block)
+
+        def attend(q, k, v):
+            return flash_attention_tpu(q, k, v, layout, block_q=block, block_k=block)
+
+        if not with_backward:
+            return attend(q, k, v)
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(dout)
+
+    t = m.train_seq_len
+    q = jax.ShapeDtypeStruct((batch, t, m.heads, m.head_dim), m.dtype)
+    kv = jax.ShapeDtypeStruct((batch, t, m.kv_heads, m.head_dim), m.dtype)
+    meta = jax.ShapeDtypeStruct((batch, t), jnp.int32)
+    return fn, (q, kv, kv, q, meta, meta, meta)
+
+
 # (name, builder): one row per kernel compiled by Mosaic ahead of time.
 KERNELS: list[tuple[str, Builder]] = [
     ("hybrid_paged_attention_tpu", _hybrid_paged_attention_decode),
+    ("flash_attention_tpu_forward", lambda m: _flash_training(m, with_backward=False)),
+    ("flash_attention_tpu_vjp", lambda m: _flash_training(m, with_backward=True)),
 ]
 
 
