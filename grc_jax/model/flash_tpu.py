@@ -29,7 +29,7 @@ from grc_jax.model.mask import TokenMeta, tile_visibility, visible
 _log = logging.getLogger(__name__)
 
 LANES, SUBLANES = 128, 8
-# Metadata fields, in this order, along axis 1 of the metadata arrays.
+# Metadata fields, in this order: lane f of `rows`, sublane f of `cols` (`_Maps`).
 _FIELDS = ("segment_ids", "block_ids", "roles", "in_compression_block")
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -80,6 +80,12 @@ def _dot(a, b, dims):
 # program, so a K/V block and the tile's visibility mask are loaded / computed once for all p.
 
 
+def _column_to_row(x):
+    """`[n, 1]` -> `[1, n]` through a lane broadcast and an aligned 2-D transpose: a direct
+    reshape needs a sublane gather, which v4 does not have."""
+    return jnp.broadcast_to(x, (x.shape[0], LANES)).T[:1, :]
+
+
 def _tile_mask(q_meta, k_meta, q_start, k_start, mode: str, keys_in_rows: bool):
     """Visibility of one tile, `[queries, keys]` (or `[keys, queries]` when `keys_in_rows`), by
     the one GRC rule (`mask.visible`) on the metadata blocks of its queries and keys.
@@ -104,7 +110,7 @@ def _tile_mask(q_meta, k_meta, q_start, k_start, mode: str, keys_in_rows: bool):
 def _forward_kernel(
     tiles_ref, k_fetch_ref,  # scalar prefetch (SMEM)
     q_ref, k_ref, v_ref, q_meta_ref, k_meta_ref,  # [p,bq,d] [bk,d] [bk,d] [bq,128] [8,bk]
-    o_ref, lse_ref,  # [p,bq,d] [p,bq,1]
+    o_ref, lse_ref,  # [p,bq,d] [p,bq]
     m_ref, l_ref, acc_ref,  # f32 scratch [p,bq,1] [p,bq,1] [p,bq,d]
     *, mode: str, scale: float, nq: int, nk: int,
 ):  # fmt: skip
@@ -140,12 +146,15 @@ def _forward_kernel(
         seen = denom > 0.0  # a query that saw no key: output 0, log-sum-exp 0 (as flash.py)
         denom = jnp.where(seen, denom, 1.0)
         o_ref[...] = jnp.where(seen, acc_ref[...] / denom, 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(denom), 0.0)
+        lse = jnp.where(seen, m_ref[...] + jnp.log(denom), 0.0)  # [p, bq, 1]
+        for r in range(lse.shape[0]):
+            # Stored lane-dense (queries along lanes): the residual is 4 bytes a query and head.
+            lse_ref[r : r + 1, :] = _column_to_row(lse[r])
 
 
 def _dq_kernel(
     tiles_ref, k_fetch_ref,  # scalar prefetch (SMEM)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_meta_ref, k_meta_ref,
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_meta_ref, k_meta_ref,  # lse, delta [p,bq]
     dq_ref,  # [p,bq,d]
     dq_acc,  # f32 scratch [p,bq,d]
     *, mode: str, scale: float, nq: int, nk: int,
@@ -163,9 +172,9 @@ def _dq_kernel(
         k, v = k_ref[...], v_ref[...]
         for r in range(q_ref.shape[0]):
             s = _dot(q_ref[r], k, _NT) * scale
-            p = jnp.where(mask, jnp.exp(s - lse_ref[r]), 0.0)
+            p = jnp.where(mask, jnp.exp(s - lse_ref[r][:, None]), 0.0)
             dp = _dot(do_ref[r], v, _NT)
-            ds = p * (dp - delta_ref[r]) * scale
+            ds = p * (dp - delta_ref[r][:, None]) * scale
             dq_acc[r] += _dot(ds.astype(k.dtype), k, _NN)
 
     @pl.when(j == nk - 1)
@@ -176,7 +185,7 @@ def _dq_kernel(
 def _dkv_kernel(
     tiles_ref, q_fetch_ref,  # scalar prefetch (SMEM), (key block, query block) order
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, k_meta_ref, q_meta_ref,
-    # [p,bq,d] [bk,d] [bk,d] [p,bq,d] [p,1,bq] [p,1,bq] [bk,128] [8,bq]
+    # [p,bq,d] [bk,d] [bk,d] [p,bq,d] [p,bq] [p,bq] [bk,128] [8,bq]
     dk_ref, dv_ref,  # [bk,d]
     dk_acc, dv_acc,  # f32 scratch [bk,d]
     *, mode: str, scale: float, nq: int, nk: int,
@@ -198,10 +207,10 @@ def _dkv_kernel(
         for r in range(q_ref.shape[0]):
             q, do = q_ref[r], do_ref[r]
             s = _dot(k, q, _NT) * scale
-            p = jnp.where(mask, jnp.exp(s - lse_ref[r]), 0.0)  # [bk, bq]
+            p = jnp.where(mask, jnp.exp(s - lse_ref[r : r + 1, :]), 0.0)  # [bk, bq]
             dv_acc[...] += _dot(p.astype(v.dtype), do, _NN)
             dp = _dot(v, do, _NT)
-            ds = p * (dp - delta_ref[r]) * scale
+            ds = p * (dp - delta_ref[r : r + 1, :]) * scale
             dk_acc[...] += _dot(ds.astype(q.dtype), q, _NN)
 
     @pl.when(i == nq - 1)
@@ -247,25 +256,27 @@ def _specs(q, k, st: _Static):
     kv_spec = pl.BlockSpec(
         (None, None, bk, d), lambda bi, gi, i, j, tiles, fetch: (bi, gi, kb(bi, i, j, fetch), 0)
     )
-    row_spec = pl.BlockSpec((None, p, bq, 1), lambda bi, gi, i, j, *_: (bi, gi, i, 0))
+    # Per-query statistics `[b, g, p, t]`: a block's last two dims are (all p, bq queries).
+    stat_spec = pl.BlockSpec((None, None, p, bq), lambda bi, gi, i, j, *_: (bi, gi, 0, i))
     q_meta = pl.BlockSpec((None, bq, LANES), lambda bi, gi, i, j, *_: (bi, i, 0))
     k_meta = pl.BlockSpec(
         (None, SUBLANES, bk), lambda bi, gi, i, j, tiles, fetch: (bi, 0, kb(bi, i, j, fetch))
     )
-    return q_spec, kv_spec, row_spec, q_meta, k_meta, (b, k.shape[1], nq, nk)
+    return q_spec, kv_spec, stat_spec, q_meta, k_meta, (b, k.shape[1], nq, nk)
 
 
 def _forward(q, k, v, maps: _Maps, st: _Static):
-    """(output `[b, h, t, d]` in q's dtype, log-sum-exp `[b, h, t, 1]` float32)."""
-    q_spec, kv_spec, row_spec, q_meta, k_meta, grid = _specs(q, k, st)
+    """(output `[b, h, t, d]` in q's dtype, log-sum-exp `[b, g, p, t]` float32)."""
+    q_spec, kv_spec, stat_spec, q_meta, k_meta, grid = _specs(q, k, st)
     p, bq, d = q_spec.block_shape[1:]
     kernel = functools.partial(
         _forward_kernel, mode=st.memory_mode, scale=q.shape[-1] ** -0.5, nq=grid[2], nk=grid[3]
     )
     f32 = jnp.float32
+    lse_shape = (*grid[:2], p, q.shape[2])
     return _call(
-        kernel, grid, [q_spec, kv_spec, kv_spec, q_meta, k_meta], [q_spec, row_spec],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*q.shape[:3], 1), f32)],
+        kernel, grid, [q_spec, kv_spec, kv_spec, q_meta, k_meta], [q_spec, stat_spec],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, f32)],
         [pltpu.VMEM((p, bq, 1), f32), pltpu.VMEM((p, bq, 1), f32), pltpu.VMEM((p, bq, d), f32)],
         (maps.tiles, maps.k_fetch), (q, k, v, maps.rows, maps.cols), st, "grc_flash_forward",
     )  # fmt: skip
@@ -281,13 +292,13 @@ def _backward(q, k, v, maps: _Maps, out, lse, dout, st: _Static):
     f32 = jnp.float32
     scale = d**-0.5
     # delta_i = rowsum(dO * O): the softmax backward's per-query term (0 for unseen queries).
-    delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # [b, h, t, 1]
+    delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1).reshape(lse.shape)  # b g p t
 
-    q_spec, kv_spec, row_spec, q_meta, k_meta, grid = _specs(q, k, st)
+    q_spec, kv_spec, stat_spec, q_meta, k_meta, grid = _specs(q, k, st)
     dq_kernel = functools.partial(_dq_kernel, mode=st.memory_mode, scale=scale, nq=nq, nk=nk)
     dq = _call(
         dq_kernel, grid,
-        [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, q_meta, k_meta], q_spec,
+        [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, q_meta, k_meta], q_spec,
         jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((p, bq, d), f32)],
         (maps.tiles, maps.k_fetch), (q, k, v, dout, lse, delta, maps.rows, maps.cols), st,
         "grc_flash_dq",
@@ -300,22 +311,21 @@ def _backward(q, k, v, maps: _Maps, out, lse, dout, st: _Static):
         (None, p, bq, d), lambda bi, gi, j, i, tiles, fetch: (bi, gi, qb(bi, j, i, fetch), 0)
     )
     kv_at = pl.BlockSpec((None, None, bk, d), lambda bi, gi, j, i, *_: (bi, gi, j, 0))
-    col_at = pl.BlockSpec(
-        (None, p, 1, bq), lambda bi, gi, j, i, tiles, fetch: (bi, gi, 0, qb(bi, j, i, fetch))
+    stat_at = pl.BlockSpec(
+        (None, None, p, bq), lambda bi, gi, j, i, tiles, fetch: (bi, gi, 0, qb(bi, j, i, fetch))
     )
     k_rows = pl.BlockSpec((None, bk, LANES), lambda bi, gi, j, i, *_: (bi, j, 0))
     q_cols = pl.BlockSpec(
         (None, SUBLANES, bq), lambda bi, gi, j, i, tiles, fetch: (bi, 0, qb(bi, j, i, fetch))
     )
-    as_cols = lambda x: x.reshape(b, h, 1, t)  # noqa: E731
     dkv_kernel = functools.partial(_dkv_kernel, mode=st.memory_mode, scale=scale, nq=nq, nk=nk)
     dk, dv = _call(
         dkv_kernel, (b, g, nk, nq),
-        [q_at, kv_at, kv_at, q_at, col_at, col_at, k_rows, q_cols], [kv_at, kv_at],
+        [q_at, kv_at, kv_at, q_at, stat_at, stat_at, k_rows, q_cols], [kv_at, kv_at],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         [pltpu.VMEM((bk, d), f32), pltpu.VMEM((bk, d), f32)],
         (maps.tiles_t, maps.q_fetch),
-        (q, k, v, dout, as_cols(lse), as_cols(delta), maps.rows, maps.cols), st, "grc_flash_dkv",
+        (q, k, v, dout, lse, delta, maps.rows, maps.cols), st, "grc_flash_dkv",
     )  # fmt: skip
     return dq, dk, dv
 
