@@ -20,9 +20,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from grc_jax.core.constants import MASK_VALUE
+from grc_jax.core.sharding import current_mesh, logical_to_spec
 from grc_jax.model.flash import FlashLayout, flash_attention
 from grc_jax.model.mask import TokenMeta, tile_visibility, visible
 
@@ -466,13 +468,45 @@ def kernel_attention(
     layout: FlashLayout,
 ) -> Float[Array, "b t h d"]:
     """`attention_impl="kernel"`: `flash_attention_tpu` (blocks of `layout.chunk`) on a TPU or
-    under `interpret_kernel`, else the chunked `flash_attention`, with one log line a process."""
-    if _interpret is not None:
-        return flash_attention_tpu(
-            q, k, v, layout, block_q=layout.chunk, block_k=layout.chunk, interpret=_interpret
-        )
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return flash_attention_tpu(q, k, v, layout, block_q=layout.chunk, block_k=layout.chunk)
-    _log_fallback(backend)
-    return flash_attention(q, k, v, layout)
+    under `interpret_kernel`, else the chunked `flash_attention`, with one log line a process.
+
+    Inside `activation_sharding` the kernel runs per device (`_per_device`), and the backend is
+    the mesh's: `grc aot` compiles for TPU devices from a CPU host.
+    """
+    mesh = current_mesh()
+    backend = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if _interpret is None and backend != "tpu":
+        _log_fallback(backend)
+        return flash_attention(q, k, v, layout)
+    kernel = functools.partial(
+        flash_attention_tpu,
+        block_q=layout.chunk,
+        block_k=layout.chunk,
+        interpret=False if _interpret is None else _interpret,
+    )
+    return kernel(q, k, v, layout) if mesh is None else _per_device(kernel, mesh, q, k, v, layout)
+
+
+def _per_device(kernel, mesh: Mesh, q, k, v, layout: FlashLayout):
+    """`kernel` under `shard_map`: rows split as the activations are (`activation_batch`), heads
+    as `activation_heads` / `activation_kv_heads` when both split alike (a query head's KV head
+    must be on its device), else replicated. XLA cannot partition a Mosaic call by itself: without
+    this it would gather every row and head onto every device."""
+    sizes = dict(mesh.shape)
+    names = ["activation_batch", "activation_length", "activation_heads", "head_dim"]
+    q_spec = logical_to_spec(names, q.shape, sizes)
+    k_spec = logical_to_spec([*names[:2], "activation_kv_heads", names[3]], k.shape, sizes)
+    if q_spec[2] != k_spec[2]:
+        q_spec = k_spec = PartitionSpec(q_spec[0], None, None, None)
+    row = PartitionSpec(q_spec[0], None)
+    meta = layout.meta
+
+    def local(q, k, v, seg, blk, role, in_comp, tiles):
+        local_meta = TokenMeta(seg, blk, role, in_comp, meta.memory_mode)
+        return kernel(q, k, v, FlashLayout(local_meta, tiles, layout.chunk))
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, row, row, row, row, PartitionSpec()),
+        out_specs=q_spec, check_vma=False,
+    )(q, k, v, meta.segment_ids, meta.block_ids, meta.roles, meta.in_compression_block,
+      layout.tiles)  # fmt: skip

@@ -130,3 +130,46 @@ def test_kernel_compiles_with_mosaic(tpu_device, kernel: Builder, model: str):
     with jax.default_device(tpu_device):
         compiled = jax.jit(fn).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, not a fallback
+
+
+def test_model_with_kernel_attention_on_a_tpu_mesh_runs_the_kernels_per_device():
+    """`attention_impl="kernel"` in the model's gradient, compiled for a 2 x 2 v5p mesh (rows over
+    `data`, heads over `tensor`): each layer holds the three Mosaic kernels, on per-device shards
+    (the mesh's platform decides, not the CPU host's default backend)."""
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from grc_jax.core.batch import Rows
+    from grc_jax.core.config import GRCConfig, ModelConfig
+    from grc_jax.core.sharding import MESH_AXES, activation_sharding
+    from grc_jax.model import forward, init_params
+
+    devices = topologies.get_topology_desc(TOPOLOGIES["v5p"], "tpu").devices
+    mesh = Mesh(np.array(devices).reshape(2, 1, 2), MESH_AXES)
+    cfg = ModelConfig(
+        vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256,
+        attention_impl="kernel", attention_chunk=128,
+    )  # fmt: skip
+    grc = GRCConfig(num_latents=4)
+    batch, seq_len = 8, 256
+
+    def loss(params, rows):
+        return jnp.sum(forward(params, cfg, grc, rows).logits ** 2)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+        jax.eval_shape(lambda: init_params(cfg, grc, jax.random.key(0))),
+    )
+    row = jax.ShapeDtypeStruct(
+        (batch, seq_len), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("data"))
+    )
+    with activation_sharding(mesh):
+        text = jax.jit(jax.grad(loss)).lower(params, Rows(row, row, row, row, row)).compile()
+        text = text.as_text()
+    kernels = [line for line in text.splitlines() if "tpu_custom_call" in line]
+    for name in ("grc_flash_forward", "grc_flash_dq", "grc_flash_dkv"):
+        assert sum(f"%{name}" in line for line in kernels) == cfg.n_layers, name
+    # Per device: 4 of 8 rows, 2 of 4 query heads (head-major inside the kernel).
+    assert any("f32[4,2,256,32]" in line for line in kernels if "%grc_flash_dq" in line)

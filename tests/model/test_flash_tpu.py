@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh
 
 from grc_jax.core.config import GRCConfig
+from grc_jax.core.sharding import MESH_AXES, activation_sharding
 from grc_jax.model import flash_tpu, forward, init_params
 from grc_jax.model.flash import flash_attention, flash_layout
 from grc_jax.model.flash_tpu import (
@@ -172,7 +174,25 @@ def test_model_with_the_kernel_in_the_interpreter_matches_dense():
         np.testing.assert_allclose(gk, gd, rtol=1e-4, atol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
-def test_kernel_impl_off_tpu_uses_chunked_and_logs_once(caplog, monkeypatch):
+@pytest.mark.slow  # about 35 s in the interpreter
+def test_kernel_attention_on_a_mesh_runs_per_device_and_matches_dense(devices):
+    # Rows over `data`, heads over `tensor` (2 query heads and their KV head per device).
+    mesh = Mesh(np.array(devices[:4]).reshape(2, 1, 2), MESH_AXES)
+    seg, blk, role = (a[:4] for a in _random_rows(5, "independent"))
+    q, k, v = _qkv(*seg.shape, h=4, g=2, seed=5)
+    cot = jax.random.normal(jax.random.key(12), q.shape)
+    mask = grc_mask(seg, blk, role, "independent")
+    want = _outputs_and_grads(lambda *a: dot_product_attention(*a, mask), q, k, v, cot)
+    layout = flash_layout(TokenMeta.build(seg, blk, role, "independent"), 16)
+    with activation_sharding(mesh), interpret_kernel(INTERPRET):
+        attend = jax.jit(lambda *a: kernel_attention(*a, layout))
+        assert "shard_map" in str(jax.make_jaxpr(attend)(q, k, v))
+        got = _outputs_and_grads(attend, q, k, v, cot)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_kernel_impl_off_tpu_uses_chunked_and_logs_once(caplog, monkeypatch, devices):
     assert jax.default_backend() != "tpu"
     # The kernel must not be called off TPU: make it fail loudly if it were.
     monkeypatch.setattr(flash_tpu, "flash_attention_tpu", lambda *a, **k: pytest.fail("kernel"))
@@ -182,6 +202,9 @@ def test_kernel_impl_off_tpu_uses_chunked_and_logs_once(caplog, monkeypatch):
     layout = flash_layout(TokenMeta.build(seg, blk, role, "independent"), 16)
     with caplog.at_level(logging.WARNING, logger=flash_tpu.__name__):
         got = [kernel_attention(q, k, v, layout) for _ in range(2)]
-    np.testing.assert_array_equal(got[0], flash_attention(q, k, v, layout))
+        with activation_sharding(Mesh(np.array(devices[:2]).reshape(2, 1, 1), MESH_AXES)):
+            got.append(kernel_attention(q, k, v, layout))  # a CPU mesh: chunked too
+    for x in got:
+        np.testing.assert_array_equal(x, flash_attention(q, k, v, layout))
     lines = [r for r in caplog.records if r.name == flash_tpu.__name__]
     assert len(lines) == 1 and "TPU-only" in lines[0].getMessage()
