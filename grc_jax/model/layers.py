@@ -11,6 +11,7 @@ from grc_jax.core.config import ModelConfig
 from grc_jax.core.constants import MASK_VALUE
 from grc_jax.core.sharding import constrain
 from grc_jax.model.flash import FlashLayout, flash_attention
+from grc_jax.model.flash_tpu import kernel_attention
 from grc_jax.model.lora import add_lora
 from grc_jax.model.rope import apply_rope
 
@@ -166,7 +167,9 @@ class Attention(nn.Module):
         (`Transformer.attention_inputs` builds the one `cfg.attention_impl` asks for)."""
         q, k, v = self.project(x, cos, sin)
         if isinstance(mask, FlashLayout):
-            attended = flash_attention(q, k, v, mask)
+            # `kernel`: the Pallas TPU kernel on a TPU, the chunked version (logged once) elsewhere.
+            attend = kernel_attention if self.cfg.attention_impl == "kernel" else flash_attention
+            attended = attend(q, k, v, mask)
         else:
             attended = dot_product_attention(q, k, v, mask, self.cfg.attention_layout)
         return self.output(attended), (k, v)

@@ -34,18 +34,20 @@ TOPOLOGIES = {"v4": "v4:2x2x1", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """Attention shape of a model: query heads, KV heads, head dim, KV dtype."""
+    """Attention shape of a model: query heads, KV heads, head dim, KV dtype, and the training
+    sequence length (for the training kernels)."""
 
     heads: int
     kv_heads: int
     head_dim: int
     dtype: type
+    train_seq_len: int
 
 
 MODELS = {
-    "smollm2_f32": ModelShape(9, 3, 64, jnp.float32),  # 3 x 64 = 192 lanes: not 128-aligned
-    "smollm2_bf16": ModelShape(9, 3, 64, jnp.bfloat16),
-    "llama3_8b_bf16": ModelShape(32, 8, 128, jnp.bfloat16),
+    "smollm2_f32": ModelShape(9, 3, 64, jnp.float32, 2048),  # 3 x 64 = 192 lanes: not 128-aligned
+    "smollm2_bf16": ModelShape(9, 3, 64, jnp.bfloat16, 2048),
+    "llama3_8b_bf16": ModelShape(32, 8, 128, jnp.bfloat16, 4096),
 }
 
 Builder = Callable[[ModelShape], tuple[Callable, tuple[jax.ShapeDtypeStruct, ...]]]
@@ -76,9 +78,37 @@ def _hybrid_paged_attention_decode(m: ModelShape):
     return hybrid_paged_attention_tpu, tuple(jax.ShapeDtypeStruct(s, d) for s, d in shapes)
 
 
+def _flash_training(m: ModelShape, with_backward: bool, batch: int = 2, block: int = 512):
+    """GRC flash attention of the training pass (`grc_jax.model.flash_tpu`) at the model's
+    training length, blocks of 512: the forward alone, or `jax.vjp` (forward, dq and dk/dv)."""
+    from grc_jax.model.flash import flash_layout
+    from grc_jax.model.flash_tpu import flash_attention_tpu
+    from grc_jax.model.mask import TokenMeta
+
+    def fn(q, k, v, dout, segment_ids, block_ids, roles):
+        meta = TokenMeta.build(segment_ids, block_ids, roles, "independent")
+        layout = flash_layout(meta, block)
+
+        def attend(q, k, v):
+            return flash_attention_tpu(q, k, v, layout, block_q=block, block_k=block)
+
+        if not with_backward:
+            return attend(q, k, v)
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(dout)
+
+    t = m.train_seq_len
+    q = jax.ShapeDtypeStruct((batch, t, m.heads, m.head_dim), m.dtype)
+    kv = jax.ShapeDtypeStruct((batch, t, m.kv_heads, m.head_dim), m.dtype)
+    meta = jax.ShapeDtypeStruct((batch, t), jnp.int32)
+    return fn, (q, kv, kv, q, meta, meta, meta)
+
+
 # (name, builder): one row per kernel compiled by Mosaic ahead of time.
 KERNELS: list[tuple[str, Builder]] = [
     ("hybrid_paged_attention_tpu", _hybrid_paged_attention_decode),
+    ("flash_attention_tpu_forward", lambda m: _flash_training(m, with_backward=False)),
+    ("flash_attention_tpu_vjp", lambda m: _flash_training(m, with_backward=True)),
 ]
 
 
@@ -100,3 +130,46 @@ def test_kernel_compiles_with_mosaic(tpu_device, kernel: Builder, model: str):
     with jax.default_device(tpu_device):
         compiled = jax.jit(fn).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, not a fallback
+
+
+def test_model_with_kernel_attention_on_a_tpu_mesh_runs_the_kernels_per_device():
+    """`attention_impl="kernel"` in the model's gradient, compiled for a 2 x 2 v5p mesh (rows over
+    `data`, heads over `tensor`): each layer holds the three Mosaic kernels, on per-device shards
+    (the mesh's platform decides, not the CPU host's default backend)."""
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from grc_jax.core.batch import Rows
+    from grc_jax.core.config import GRCConfig, ModelConfig
+    from grc_jax.core.sharding import MESH_AXES, activation_sharding
+    from grc_jax.model import forward, init_params
+
+    devices = topologies.get_topology_desc(TOPOLOGIES["v5p"], "tpu").devices
+    mesh = Mesh(np.array(devices).reshape(2, 1, 2), MESH_AXES)
+    cfg = ModelConfig(
+        vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256,
+        attention_impl="kernel", attention_chunk=128,
+    )  # fmt: skip
+    grc = GRCConfig(num_latents=4)
+    batch, seq_len = 8, 256
+
+    def loss(params, rows):
+        return jnp.sum(forward(params, cfg, grc, rows).logits ** 2)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+        jax.eval_shape(lambda: init_params(cfg, grc, jax.random.key(0))),
+    )
+    row = jax.ShapeDtypeStruct(
+        (batch, seq_len), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec("data"))
+    )
+    with activation_sharding(mesh):
+        text = jax.jit(jax.grad(loss)).lower(params, Rows(row, row, row, row, row)).compile()
+        text = text.as_text()
+    kernels = [line for line in text.splitlines() if "tpu_custom_call" in line]
+    for name in ("grc_flash_forward", "grc_flash_dq", "grc_flash_dkv"):
+        assert sum(f"%{name}" in line for line in kernels) == cfg.n_layers, name
+    # Per device: 4 of 8 rows, 2 of 4 query heads (head-major inside the kernel).
+    assert any("f32[4,2,256,32]" in line for line in kernels if "%grc_flash_dq" in line)
