@@ -3,7 +3,7 @@
 Training and inference both go through this module:
 
 - a run directory (`<train.output_dir>/<train.run_name>`: `config.yaml`, `checkpoints/<step>/`
-  holding `state` (train state) and `data` (data-iterator state), a tokenizer);
+  holding `state` (train state) and `data` (data-iterator state, one per process), a tokenizer);
 - an import directory (`grc import-hf` output: `config.yaml`, `params/`, `import_info.json`,
   tokenizer files), the imported, not yet GRC-trained model.
 
@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from grc_jax.adapter import base_cache_dir, check_base, is_adapter_dir, load_adapter, read_info
 from grc_jax.core.config import Config, load_config
 from grc_jax.core.errors import CheckpointError, MissingPathError, ModelLoadError
+from grc_jax.core.processes import gather_json
 from grc_jax.core.trees import path_names
 from grc_jax.data.tokenizer import Tokenizer, load_tokenizer
 from grc_jax.integrity import (
@@ -84,6 +85,9 @@ class RunCheckpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+        """Save `state` and this process's data-iterator state (call on every process: with
+        several, their data states are gathered into the one `data` item, `pack_data_states`)."""
+        data = pack_data_states(gather_json(data_state))
         sealing = self._async and jax.process_index() == 0
         if sealing:
             self._committing.append(step)
@@ -91,7 +95,7 @@ class RunCheckpoints:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)
                 ),
             )
         except BaseException:
@@ -124,8 +128,10 @@ class RunCheckpoints:
         return None
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any], int]:
-        """Restore (state, data-iterator state, step); `abstract_state` carries target shardings.
-        The step's files are checked against its manifest first, the restored floats after."""
+        """Restore (state, this process's data-iterator state, step); `abstract_state` carries
+        target shardings. The step's files are checked against its manifest first, then that it
+        was saved by as many processes as this run has (`unpack_data_state`), the restored floats
+        last."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
@@ -139,12 +145,16 @@ class RunCheckpoints:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
         )
         try:
+            # The small data item first: a process count other than the checkpoint's is refused
+            # before the train state is read.
+            only_data = ocp.args.Composite(data=ocp.args.JsonRestore())
+            data = self.manager.restore(step, args=only_data)["data"]
+            data_state = unpack_data_state(data, self.directory / str(step))
             restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
-                ),
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )
+        except CheckpointError:
+            raise
         except Exception as e:  # orbax raises many types for unreadable/corrupt files
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be restored "
@@ -154,7 +164,7 @@ class RunCheckpoints:
         if bad:
             steps = self.all_steps()
             raise CheckpointError(nonfinite_message(self.directory, step, steps, bad))
-        return restored["state"], restored["data"], step
+        return restored["state"], data_state, step
 
     def set_aside_after(self, step: int) -> list[int]:
         """Move the checkpoints newer than `step` to `<run>/checkpoints.set_aside/<step>` (process
@@ -181,6 +191,38 @@ class RunCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# With several processes the checkpoint's `data` item holds every process's data-iterator state
+# (each reads its own share of the records); with one, the state itself, as always.
+_PER_PROCESS = "per_process"
+
+
+def pack_data_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `data` item of a checkpoint from the data-iterator states of every process (in process
+    order): the state itself for one process, else `{"process_count": n, "per_process": [...]}`."""
+    if len(states) == 1:
+        return states[0]
+    return {"process_count": len(states), _PER_PROCESS: states}
+
+
+def unpack_data_state(
+    data: dict[str, Any], where: Path, index: int | None = None, count: int | None = None
+) -> dict[str, Any]:
+    """Process `index`'s (default: this one's) data-iterator state from a checkpoint's `data`
+    item; a `CheckpointError` when it was saved by another number of processes than `count`
+    (default: this run's)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    saved = data.get("process_count", 1) if _PER_PROCESS in data else 1
+    if saved != count:
+        raise CheckpointError(
+            f"checkpoint {where} was saved by {saved} process(es), this run has {count}: each "
+            "process reads and checkpoints its own share of the training records "
+            f"(docs/multihost.md), so the run resumes only with {saved} process(es); rerun it "
+            "with that many, or train a new run (another train.run_name)"
+        )
+    return data[_PER_PROCESS][index] if count > 1 else data
 
 
 def checkpoint_steps(run: str | Path) -> list[int]:

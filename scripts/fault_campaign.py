@@ -77,7 +77,10 @@ def params_digest(run: Path) -> str:
 
 def metrics(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s", "mfu")}
+    # Timings, and the records read so far (which depends on grain's read-ahead), are not
+    # expected to repeat.
+    skip = ("tokens_per_s", "step_time_s", "mfu", "data/records_read")
+    return [{k: v for k, v in r.items() if k not in skip}
             for r in rows]  # fmt: skip
 
 

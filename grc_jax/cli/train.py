@@ -66,6 +66,13 @@ def run_train(args: argparse.Namespace) -> int:
     if "final" in result:
         print("\nheld-out metrics (eval/final.json):")
         print(summary_table(result.get("untrained", {}), result["final"]))
+    read = result.get("records_read", [])
+    if len(read) > 1 and jax.process_index() == 0:
+        # Each process reads only its share of the records (docs/multihost.md).
+        print(
+            f"\ntraining records read per process: {read} (distinct records of "
+            f"{cfg.data.train_path}, {sum(read)} in all)"
+        )
     if result.get("bad_lines_skipped") and jax.process_index() == 0:
         print(
             f"\nskipped {result['bad_lines_skipped']} bad record(s) of {cfg.data.train_path} "

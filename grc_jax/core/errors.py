@@ -44,6 +44,11 @@ class RunInUseError(UserError, RuntimeError):
     """Another process holds the run directory's lock (`<run>/.lock`)."""
 
 
+class OtherProcessError(UserError, RuntimeError):
+    """Another process of a multi-process run stopped with a `UserError` (named in the message);
+    this one stops with it rather than wait for it in a collective."""
+
+
 class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is left as it was. Exit code 1:
     the run diverged (a failed run, like a crash), not a refused input."""

@@ -338,8 +338,10 @@ def train_dataset(
     num_epochs: int | None = None,
     check_all: bool = False,
 ) -> tuple[grain.IterDataset, RecordParser]:
-    """This process's share of the training batches (local rows = global batch / processes).
-    `check_all`: without `data.skip_bad_lines`, read and lay out every record of `source` first,
+    """This process's share of the training batches: its rows (global batch / processes), packed
+    from its own share of the records (every `process_count`-th, from `process_index`), with group
+    ids `n * process_count + process_index`, unique over the global batch.
+    `check_all`: without `data.skip_bad_lines`, read and lay out every record of this share first,
     raising the `DataError` (naming `file:line`) of the first that the pipeline would refuse."""
     if cfg.data.batch_size % process_count:
         raise ConfigError(
@@ -392,20 +394,24 @@ def train_dataset(
 
     if len(source) == 0:
         raise no_usable_record(source, [])
-    if check_all and not cfg.data.skip_bad_lines:
-        # Up front, so that a bad line or a record too large for a batch stops the run before
-        # step 1 wherever it sits in the data (each record laid out at its largest: with its
-        # reasoning); with skipping on, such records are skipped and counted as they are read.
-        for index in range(len(source)):
-            to_group(index, source[index], keep=True)
-    ds = grain.MapDataset.source(source)
-    ds = ds[process_index::process_count]
+    # This process's share: records process_index, process_index + process_count, ... (strided,
+    # so that every share samples the whole file or every shard, however the data is ordered).
+    share = range(process_index, len(source), process_count)
     part = f" for process {process_index} of {process_count}" if process_count > 1 else ""
-    if len(ds) == 0:
+    if len(share) == 0:
         raise DataError(
             f"{getattr(source, 'name', 'the data')}: no record{part}: {len(source)} records "
             f"shared among {process_count} processes"
         )
+    if check_all and not cfg.data.skip_bad_lines:
+        # Up front, so that a bad line or a record too large for a batch stops the run before
+        # step 1 wherever it sits in the share (each record laid out at its largest: with its
+        # reasoning); with skipping on, such records are skipped and counted as they are read.
+        # Each process checks only its own share: no process reads another's records.
+        for index in share:
+            to_group(index, source[index], keep=True)
+    ds = grain.MapDataset.source(source)
+    ds = ds[process_index::process_count]
     pass_len = len(ds)
     # Shuffle, then repeat: grain reseeds the shuffle per epoch, so every epoch is a permutation
     # of the records (shuffling after an infinite repeat would draw records with replacement).

@@ -1,4 +1,5 @@
-"""Random-access record sources for grain: JSONL files and ArrayRecord shards.
+"""Random-access record sources for grain: JSONL files and ArrayRecord shards (and a wrapper
+counting the records read).
 
 Each record is `(where, raw_line)` with `where` = `path:line` so that parse errors can name it.
 """
@@ -98,6 +99,35 @@ class ArrayRecordSource:
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
         where = f"{self.paths[shard]}#{index - int(self._starts[shard])}"
         return where, self._source[index]
+
+
+class CountedSource:
+    """A record source (`JsonlSource`, `ArrayRecordSource`) that notes which of its records have
+    been read, one bit per record: `records_read` counts the distinct records read so far.
+
+    With several processes each reads only its share of the records; this is how a run shows it
+    (`data/records_read` in metrics.jsonl, the per-process counts at the end of `grc train`).
+    Safe for grain's reader threads."""
+
+    def __init__(self, source: JsonlSource | ArrayRecordSource):
+        self.source = source
+        self.name = getattr(source, "name", type(source).__name__)  # for error messages
+        self.total_lines = getattr(source, "total_lines", 0)
+        self.records_read = 0
+        self._bits = np.zeros((len(source) + 7) // 8, np.uint8)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[str, bytes]:
+        item = self.source[index]
+        byte, bit = divmod(int(index), 8)
+        with self._lock:
+            if not (self._bits[byte] >> bit) & 1:
+                self._bits[byte] |= 1 << bit
+                self.records_read += 1
+        return item
 
 
 def prepare_array_record(

@@ -16,8 +16,9 @@ The standard hooks (`default_hooks`), in the order they run at a step:
 * hooks supplied by the caller (e.g. the periodic export of `grc_jax.convert.export.export_hooks`);
 * `PeriodicEval`: held-out metrics into `eval/step_<n>.json` and TensorBoard.
 
-Multi-process: every hook runs on every process; process 0 alone writes files and logs, and an
-evaluation gathers the parameters on every process (`eval_params`) before process 0 evaluates.
+Multi-process: every hook runs on every process; process 0 alone writes files and logs (the data
+counters of every process summed into its rows), and an evaluation gathers the parameters on every
+process (`eval_params`) before process 0 evaluates.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax
 
 from grc_jax.core.config import TrainConfig
 from grc_jax.core.errors import NonFiniteLossError
+from grc_jax.core.processes import sum_over_processes
 
 if TYPE_CHECKING:
     from grc_jax.train.loop import Run
@@ -66,7 +68,7 @@ class Tick:
     step: int
     end: int  # the loop's last step
     preempted: bool  # a preemption notice names this step (`SaveCheckpoint` saves and stops)
-    tokens: int  # non-padding tokens trained on since the loop started
+    tokens: int  # non-padding tokens of this process's rows trained on since the loop started
     metrics: dict[str, float] | None  # the step's metrics on the host; None unless requested
     stop: bool = False  # set by a hook: the loop ends after this step's hooks
 
@@ -183,10 +185,12 @@ class Logger:
 
 class LogMetrics(Hook):
     """The step's metrics, with `tokens_per_s`, `step_time_s` and `mfu` averaged over the steps
-    since the previous row, and `data/bad_lines_skipped` (`run.parser`: records skipped under
-    `data.skip_bad_lines`), to TensorBoard (`run.logger`), `<run>/metrics.jsonl` and the progress
-    bar (`run.bar`). The `file:line: reason` of the first few records skipped
-    (`run.parser.first_skipped`) are printed, each once, at the first row that knows them."""
+    since the previous row, `data/bad_lines_skipped` (`run.parser`: records skipped under
+    `data.skip_bad_lines`) and `data/records_read` (`run.source`: distinct training records read),
+    to TensorBoard (`run.logger`), `<run>/metrics.jsonl` and the progress bar (`run.bar`). Tokens
+    and both counts are summed over the processes (each counts its own share of the data). The
+    `file:line: reason` of the first few records skipped (`run.parser.first_skipped`) are printed,
+    each once, at the first row that knows them, by the process that skipped them."""
 
     needs_metrics = True
 
@@ -198,21 +202,27 @@ class LogMetrics(Hook):
         now = time.perf_counter()
         dt = (now - self._time) / (tick.step - self._step)
         m = dict(tick.metrics)
-        m["tokens_per_s"] = (tick.tokens - self._tokens) / (now - self._time)
+        # A collective with several processes: every process runs this hook at the same steps.
+        tokens, skipped, read = sum_over_processes(
+            [tick.tokens - self._tokens, run.parser.bad_lines, run.source.records_read]
+        )
+        m["tokens_per_s"] = tokens / (now - self._time)
         m["step_time_s"] = dt
         m["mfu"] = run.flops_per_step / dt / run.peak_flops
-        skipped = m["data/bad_lines_skipped"] = run.parser.bad_lines
+        m["data/bad_lines_skipped"] = skipped
+        m["data/records_read"] = read
         self._time, self._tokens, self._step = now, tick.tokens, tick.step
         run.logger.scalars(tick.step, m)
         if _is_main():
             with (Path(run.directory) / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": tick.step, **m}) + "\n")
-            first = run.parser.first_skipped
-            for reason in first[self._told :]:
-                run.bar.write(f"skipped (data.skip_bad_lines): {reason}")
-            if len(first) == run.parser.FIRST > self._told:
-                run.bar.write("further skipped records are counted only (data/bad_lines_skipped)")
-            self._told = len(first)
+        # Each process names the records it skipped itself (on its own output).
+        first = run.parser.first_skipped
+        for reason in first[self._told :]:
+            run.bar.write(f"skipped (data.skip_bad_lines): {reason}")
+        if len(first) == run.parser.FIRST > self._told:
+            run.bar.write("further skipped records are counted only (data/bad_lines_skipped)")
+        self._told = len(first)
         postfix = dict(
             gen=f"{m['loss/gen']:.3f}", rep=f"{m['loss/rep']:.3f}",
             comp=f"{m['loss/comp']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}",
@@ -223,9 +233,10 @@ class LogMetrics(Hook):
 
 
 class SaveCheckpoint(Hook):
-    """Checkpoint the state and the data position; on a preemption notice (SIGTERM to any
-    process, with jax.distributed: all processes agree on the step; SIGTERM to a single process:
-    the next step), save, then stop the loop. Rerunning the command resumes there."""
+    """Checkpoint the state and the data position (each process's, in its own share of the
+    records); on a preemption notice (SIGTERM to any process, with jax.distributed: all processes
+    agree on the step; SIGTERM to a single process: the next step), save, then stop the loop.
+    Rerunning the command resumes there."""
 
     def __call__(self, run: Run, tick: Tick) -> None:
         run.ckpts.save(tick.step, run.state, run.data_iter.get_state())

@@ -31,10 +31,11 @@ from jax.sharding import Mesh
 from grc_jax.checkpoints import RunCheckpoints, load_imported, run_dir
 from grc_jax.core.batch import Batch
 from grc_jax.core.config import Config, model_differences, save_config
-from grc_jax.core.errors import CheckpointError, ConfigError
+from grc_jax.core.errors import CheckpointError, ConfigError, UserError
+from grc_jax.core.processes import gather_json, raise_together, sum_over_processes
 from grc_jax.core.sharding import check_batch_sharding, make_mesh
 from grc_jax.data.pipeline import train_dataset
-from grc_jax.data.sources import open_source, read_records, scan_records
+from grc_jax.data.sources import CountedSource, open_source, read_records, scan_records
 from grc_jax.data.tokenizer import (
     Tokenizer,
     VocabTooSmallError,
@@ -49,7 +50,7 @@ from grc_jax.train.preemption import SigtermNotice
 from grc_jax.train.resume import check_saved_config, drop_rows_after, resume_target
 from grc_jax.train.run_lock import lock_run
 from grc_jax.train.state import TrainState, create_state
-from grc_jax.train.step import batch_shardings, make_train_step
+from grc_jax.train.step import batch_shardings, make_train_step, row_sharding
 
 
 def prepare_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
@@ -94,14 +95,34 @@ def _shared_tokenizer(cfg: Config, directory: Path) -> Tokenizer:
     return tok if tok is not None else prepare_tokenizer(cfg, directory)
 
 
-def _global_batch(batch: Batch, shardings: Batch) -> Batch:
-    """The global batch (identical on every process) as sharded arrays: each process places only
-    the rows that its own devices hold."""
+def global_batch(batch: Batch, shardings: Batch) -> Batch:
+    """The global batch as sharded arrays, from this process's rows (its share of the batch, see
+    `check_local_rows`): each process supplies the rows that its own devices hold."""
+    n = jax.process_count()
     return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        lambda x, s: jax.make_array_from_process_local_data(s, x, (x.shape[0] * n, *x.shape[1:])),
         batch,
         shardings,
     )
+
+
+def check_local_rows(mesh: Mesh, rows: int) -> None:
+    """Refuse a mesh on which this process's devices do not hold exactly its share (`rows` /
+    processes) of the `rows` rows of a batch: each process packs only its own rows, so the batch
+    axis must be split evenly over the processes (not replicated over them, as a mesh that is
+    tensor-parallel across hosts would have it)."""
+    local = rows // jax.process_count()
+    index = row_sharding((rows,), mesh).addressable_devices_indices_map((rows,))
+    held = {(s[0].start or 0, rows if s[0].stop is None else s[0].stop)
+            for s in index.values()}  # fmt: skip
+    n = sum(stop - start for start, stop in held)
+    if n != local:
+        raise ConfigError(
+            f"process {jax.process_index()} of {jax.process_count()}: its devices hold {n} of "
+            f"the {rows} rows of a batch, but each process packs its own {local} "
+            "(data.batch_size / processes); choose mesh.data and mesh.fsdp so that the batch "
+            "rows are split evenly over the processes (docs/multihost.md)"
+        )
 
 
 def _load_init(cfg: Config):
@@ -145,6 +166,7 @@ class Run:
     shardings: TrainState
     data_iter: Any  # the grain iterator: `next`, `get_state`, `set_state`
     parser: Any  # counts the bad lines skipped
+    source: Any  # `CountedSource`: counts the training records this process has read
     ckpts: RunCheckpoints
     evaluator: Any  # `Evaluator` on process 0, None elsewhere
     logger: Logger
@@ -202,12 +224,28 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
     tok = _shared_tokenizer(cfg, directory)
     mesh = make_mesh(cfg.mesh)
     check_batch_sharding(cfg, mesh.size)
-    # Every process reads the same record stream and packs the same global batch, then places
-    # only its devices' rows (`_global_batch`). The batches, and the one data-iterator state that
-    # is checkpointed, are then the same for any number of processes: a run resumes exactly on a
-    # slice of another size, and N processes compute what one process with as many devices does.
-    # Every record is checked here, before any state is built (`check_all`).
-    ds, parser = train_dataset(cfg, tok, open_source(cfg.data.train_path), check_all=True)
+    # Each process reads and packs only its own share of the records (every N-th, groups whole)
+    # into its rows of the global batch (`global_batch`), so input I/O per host does not grow
+    # with the number of hosts. Each checkpoints its own data position; a run resumes with the
+    # process count it was saved with (docs/multihost.md). Every record of the share is checked
+    # here, before any state is built (`check_all`); a process that finds a bad one stops all.
+    source = CountedSource(open_source(cfg.data.train_path))
+    ds = parser = error = None
+    try:
+        check_local_rows(mesh, cfg.data.batch_size)
+        ds, parser = train_dataset(
+            cfg, tok, source, jax.process_index(), jax.process_count(), check_all=True
+        )
+    except UserError as e:
+        error = e
+    raise_together(error)
+    if jax.process_count() > 1:
+        index, count = jax.process_index(), jax.process_count()
+        print(
+            f"process {index}/{count}: its share of {cfg.data.train_path} is "
+            f"{len(range(index, len(source), count))} of {len(source)} records",
+            flush=True,
+        )
     state, shardings = create_state(cfg, mesh, jax.random.key(cfg.train.seed), _load_init(cfg))
     data_iter = iter(ds)
     ckpts = RunCheckpoints(directory / "checkpoints", cfg.train.keep_checkpoints)
@@ -225,11 +263,14 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
     (directory / "eval").mkdir(exist_ok=True)
 
     first = next(data_iter)
-    bsh = batch_shardings(
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first), mesh
+    # The global batch's shapes: this process's rows are 1 / process_count of them.
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(), *x.shape[1:]), x.dtype),
+        first,
     )
+    bsh = batch_shardings(shapes, mesh)
     step_fn = make_train_step(cfg, mesh, shardings, bsh)
-    flops_per_step = train_flops_per_step(cfg, first.tokens.shape[0])
+    flops_per_step = train_flops_per_step(cfg, shapes.tokens.shape[0])
     peak_flops = measure_matmul_flops(mesh)
     end = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
     logger = Logger(directory / "tb", is_main)  # opened last: nothing after it can fail
@@ -243,6 +284,7 @@ def setup_run(cfg: Config, max_steps: int | None = None, quiet: bool = False) ->
         shardings=shardings,
         data_iter=data_iter,
         parser=parser,
+        source=source,
         ckpts=ckpts,
         evaluator=evaluator,
         logger=logger,
@@ -273,8 +315,8 @@ def _run_steps(run: Run, hooks: Sequence[Hook]) -> int:
     try:
         while step < run.end:
             batch = run.next_batch()
-            tokens += int(np.sum(batch.segment_ids != 0))
-            run.state, metrics = run.step_fn(run.state, _global_batch(batch, run.batch_shardings))
+            tokens += int(np.sum(batch.segment_ids != 0))  # this process's rows only
+            run.state, metrics = run.step_fn(run.state, global_batch(batch, run.batch_shardings))
             step += 1
             # A preemption notice (SIGTERM to any process, with jax.distributed) makes all
             # processes agree on a step to checkpoint at, then stop; rerunning resumes there.
@@ -321,7 +363,13 @@ def _train(
         if run.start == 0:
             record_eval(run, 0, "untrained")
         step = _run_steps(run, default_hooks(cfg.train, hooks))
-        result: dict[str, Any] = {"step": step, "bad_lines_skipped": run.parser.bad_lines}
+        # Counted by each process for its share of the records; summed (a collective).
+        skipped = sum_over_processes([run.parser.bad_lines])[0]
+        result: dict[str, Any] = {
+            "step": step,
+            "bad_lines_skipped": skipped,
+            "records_read": gather_json(run.source.records_read),  # per process
+        }
         if step == cfg.train.steps:
             final = record_eval(run, step, "final")  # gathers on every process
             if final is not None:

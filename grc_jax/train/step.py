@@ -17,14 +17,15 @@ from grc_jax.train.optim import lr_schedule, make_optimizer, trainable_mask
 from grc_jax.train.state import TrainState
 
 
+def row_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """A batch array's sharding: split over ("data", "fsdp") on its leading (row) axis."""
+    names = ("activation_batch",) + (None,) * (len(shape) - 1)
+    return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape)))
+
+
 def batch_shardings(batch_shape: Batch, mesh: Mesh) -> Batch:
     """Every batch array is split over ("data", "fsdp") on its leading (row) axis."""
-
-    def one(x):
-        names = ("activation_batch",) + (None,) * (len(x.shape) - 1)
-        return NamedSharding(mesh, logical_to_spec(names, x.shape, dict(mesh.shape)))
-
-    return jax.tree.map(one, batch_shape)
+    return jax.tree.map(lambda x: row_sharding(tuple(x.shape), mesh), batch_shape)
 
 
 def make_train_step(

@@ -16,7 +16,12 @@ from grc_jax.core.roles import DOC, GEN, LATENT, PAD, QUERY, TEXT
 from grc_jax.data.layout import gen, latents, layout_example, pack_examples, text
 from grc_jax.data.pipeline import BatchBuilder, Group, loss_targets, slots_per_row, train_dataset
 from grc_jax.data.schema import BadLineError
-from grc_jax.data.sources import JsonlSource
+from grc_jax.data.sources import (
+    ArrayRecordSource,
+    CountedSource,
+    JsonlSource,
+    prepare_array_record,
+)
 from tests.data.conftest import tiny_config, write_jsonl
 
 T, G, L, P = int(TEXT), int(GEN), int(LATENT), int(PAD)
@@ -564,6 +569,28 @@ def test_check_all_refuses_bad_records_up_front(sp_tok, big_jsonl, tmp_path):
         tiny_config("data.skip_bad_lines=true"), sp_tok, JsonlSource(path), check_all=True
     )
     assert parser.bad_lines == 0
+
+
+def test_each_process_checks_and_reads_only_its_share(sp_tok, big_jsonl, tmp_path):
+    """With two processes, `check_all` reads and checks only this process's records (every
+    second one), from ArrayRecord shards as from JSONL, and so does the stream: the oversized
+    record (index 4, process 0's) stops process 0 only, and process 1 never reads it."""
+    path, records = big_jsonl  # 24 records, 4 shards of 6
+    prepare_array_record(path, tmp_path / "ar" / "train", num_shards=4)
+    pattern = str(tmp_path / "ar" / "train-*.arrayrecord")
+    cfg = tiny_config()
+    source = CountedSource(ArrayRecordSource(pattern))
+    with pytest.raises(DataError, match=r"train-00000-of-00004\.arrayrecord#4: the record's group"):
+        train_dataset(cfg, sp_tok, source, process_index=0, process_count=2, check_all=True)
+    assert source.records_read == 3  # records 0, 2 and 4, where it stopped
+    source = CountedSource(ArrayRecordSource(pattern))
+    ds, _ = train_dataset(
+        cfg, sp_tok, source, process_index=1, process_count=2, num_epochs=1, check_all=True
+    )
+    assert source.records_read == 12  # its whole share, checked up front
+    queries = [q for batch in ds for q in _query_texts(batch, sp_tok)]
+    assert sorted(queries) == sorted(r["query"] for r in records[1::2])
+    assert source.records_read == 12  # the stream read the same records, no other
 
 
 def test_oversized_record_is_skipped_and_again_after_a_restore(sp_tok, big_jsonl):

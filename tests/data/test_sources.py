@@ -1,5 +1,6 @@
-"""Record sources: JSONL line index with `path:line` labels, thread safety, ArrayRecord shards;
-reading records with the skip policy and refusing data without a usable record."""
+"""Record sources: JSONL line index with `path:line` labels, thread safety, ArrayRecord shards,
+counting the records read; reading records with the skip policy and refusing data without a
+usable record."""
 
 import pickle
 import random
@@ -11,6 +12,7 @@ from grc_jax.core.errors import DataError
 from grc_jax.data.schema import BadLineError, parse_record
 from grc_jax.data.sources import (
     ArrayRecordSource,
+    CountedSource,
     JsonlSource,
     open_source,
     prepare_array_record,
@@ -98,6 +100,20 @@ def test_array_record_round_trip(tmp_path):
         f"{paths[s]}#{k}" for s, k in zip(shard_of, within, strict=True)
     ]
     assert parse_record(items[7][1], items[7][0]).query == "q7"
+
+
+def test_counted_source_counts_distinct_records_read(tmp_path):
+    rng = random.Random(0)
+    path = tmp_path / "n.jsonl"
+    path.write_text("".join(f"line {n}\n" for n in range(1003)) + "\n")
+    src = CountedSource(JsonlSource(path))
+    assert (len(src), src.name, src.total_lines, src.records_read) == (1003, str(path), 1004, 0)
+    assert src[7] == (f"{path}:8", b"line 7\n")
+    assert src.records_read == 1
+    order = [rng.randrange(0, 1003, 3) for _ in range(5000)]  # repeats, from many threads
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(src.__getitem__, order, chunksize=7))
+    assert src.records_read == len(set(order) | {7})
 
 
 def test_array_record_more_shards_than_records(tmp_path):

@@ -187,7 +187,7 @@ def test_log_hook_writes_metrics_rows_and_tensorboard(tmp_path):
     bar = tqdm(total=7, disable=True)
     run = SimpleNamespace(
         directory=tmp_path, logger=logger, bar=bar, start=0, flops_per_step=1e6, peak_flops=1e9,
-        parser=RecordParser(False),
+        parser=RecordParser(False), source=SimpleNamespace(records_read=0),
     )  # fmt: skip
     log = default_hooks(CFG)[1]
 
@@ -199,7 +199,8 @@ def test_log_hook_writes_metrics_rows_and_tensorboard(tmp_path):
     assert [r["step"] for r in rows] == [3, 5, 6, 7]
     for r in rows:
         assert list(r) == [
-            "step", *METRICS, "tokens_per_s", "step_time_s", "mfu", "data/bad_lines_skipped"
+            "step", *METRICS, "tokens_per_s", "step_time_s", "mfu", "data/bad_lines_skipped",
+            "data/records_read",
         ]  # fmt: skip
         assert r["data/bad_lines_skipped"] == 0
         assert r["loss/total"] == pytest.approx(3.0 - r["step"] / 10)
@@ -217,6 +218,7 @@ def test_log_hook_rates_cover_the_steps_since_the_previous_row(tmp_path, monkeyp
     run = SimpleNamespace(
         directory=tmp_path, logger=Logger(tmp_path, False), bar=tqdm(disable=True), start=2,
         flops_per_step=2e6, peak_flops=1e6, parser=RecordParser(False),
+        source=SimpleNamespace(records_read=0),
     )  # fmt: skip
     log = LogMetrics(Schedule(every=(4, 5)))
     log.start(run)
@@ -245,7 +247,7 @@ def test_log_hook_shows_skipped_records_and_prints_the_first_once(tmp_path, caps
     parser = RecordParser(True)
     run = SimpleNamespace(
         directory=tmp_path, logger=RecordingLogger(), bar=tqdm(total=4, disable=True), start=0,
-        flops_per_step=1e6, peak_flops=1e9, parser=parser,
+        flops_per_step=1e6, peak_flops=1e9, parser=parser, source=SimpleNamespace(records_read=0),
     )  # fmt: skip
     # (file:line, first time met) of the records the data iterator skips before each step.
     skips = {2: [("a:3", True)], 3: [("a:9", True), ("a:3", False)],
@@ -364,7 +366,9 @@ def test_train_runs_hooks_fetches_metrics_only_when_needed_and_closes_logger_onc
     every = Record(Schedule(every=1))
     asks = Record(Schedule(every=2), needs_metrics=True)
     result = loop.train(cfg, quiet=True, hooks=[every, asks])
-    assert set(result) == {"step", "bad_lines_skipped", "final", "untrained", "state"}
+    assert set(result) == {
+        "step", "bad_lines_skipped", "records_read", "final", "untrained", "state"
+    }  # fmt: skip
     assert result["step"] == 4
     # Metrics leave the device at log/checkpoint steps (3, 4) and where a hook asks (2, 4).
     assert every.ticks == [(1, False, 1), (2, True, 2), (3, True, 3), (4, True, 4)]
