@@ -142,6 +142,7 @@ def test_loss_scaling_quick(tmp_path):
     assert r["pool_latents/new"]["flops"] < r["pool_latents/old"]["flops"] / 10
 
 
+@pytest.mark.slow  # four train-step compiles, about 30 s
 def test_long_context_quick(tmp_path):
     out = tmp_path / "long_context.json"
     long_context.main(["--quick", "--out", str(out)])
