@@ -90,13 +90,17 @@ def _scores(q_i, k_j, scale):
     return jnp.einsum("bgpqd,bkgd->bgpqk", q_i, k_j, preferred_element_type=jnp.float32) * scale
 
 
+def _prepared(q, k, v, layout: FlashLayout):
+    """(chunk, scale, q / k / v chunks, metadata chunks, memory mode): both passes' inputs."""
+    c, g = layout.chunk, k.shape[2]
+    chunks = (_q_chunks(q, c, g), _chunks(k, c), _chunks(v, c))
+    return c, q.shape[-1] ** -0.5, chunks, _meta_chunks(layout.meta, c), layout.meta.memory_mode
+
+
 def _forward(q, k, v, layout: FlashLayout):
     """(output chunks `[n, b, g, p, c, d]` in q's dtype, log-sum-exp `[n, b, g, p, c]`)."""
-    c, g = layout.chunk, k.shape[2]
+    c, scale, (q_c, k_c, v_c), meta_c, mode = _prepared(q, k, v, layout)
     n = q.shape[1] // c
-    scale = q.shape[-1] ** -0.5
-    q_c, k_c, v_c = _q_chunks(q, c, g), _chunks(k, c), _chunks(v, c)
-    meta_c, mode = _meta_chunks(layout.meta, c), layout.meta.memory_mode
 
     def one_query_chunk(i):
         q_i = q_c[i]
@@ -133,12 +137,9 @@ def _forward(q, k, v, layout: FlashLayout):
 
 
 def _backward(q, k, v, layout: FlashLayout, out_c, lse_c, dout):
-    c, g = layout.chunk, k.shape[2]
+    c, scale, (q_c, k_c, v_c), meta_c, mode = _prepared(q, k, v, layout)
     n = q.shape[1] // c
-    scale = q.shape[-1] ** -0.5
-    q_c, k_c, v_c = _q_chunks(q, c, g), _chunks(k, c), _chunks(v, c)
-    do_c = _q_chunks(dout, c, g)
-    meta_c, mode = _meta_chunks(layout.meta, c), layout.meta.memory_mode
+    do_c = _q_chunks(dout, c, k.shape[2])
     # D_i = rowsum(dO * O): the softmax backward's per-query term.
     delta_c = jnp.sum(do_c.astype(jnp.float32) * out_c.astype(jnp.float32), axis=-1)
 
