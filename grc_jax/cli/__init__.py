@@ -49,6 +49,7 @@ COMMANDS: dict[str, Command] = {
     "rag": Command(
         "grc_jax.cli.infer", "retrieve top-k documents, then generate over their memories"
     ),
+    "serve": Command("grc_jax.cli.serve", "an OpenAI-compatible HTTP server (continuous batching)"),
     "tokenizer": Command("grc_jax.cli.data", "train a sentencepiece tokenizer"),
     "train": Command("grc_jax.cli.train", "train (or resume) a GRC model from a YAML config"),
     "update": Command("grc_jax.cli.infer", "recurrent mode: fold a chunk of text into a memory"),

@@ -106,6 +106,8 @@ class HFTokenizer:
             )
         self.eos_id = eos
         self.bos_id = bos if bos is not None else eos
+        template = specials.get("chat_template")
+        self.chat_template = template if isinstance(template, str) else None
         pad = token_id("pad_token")
         self.pad_id = pad if pad is not None else self.eos_id
 

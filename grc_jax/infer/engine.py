@@ -47,8 +47,10 @@ from grc_jax.data.layout import gen, latents, one_per_row, text
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.infer.cache import PagePool, block_table, empty_cache
 from grc_jax.infer.memory import LatentMemory, model_fingerprint
+from grc_jax.infer.memory_pool import MemoryPool
 from grc_jax.infer.paged import StepInputs, decode_attention_args, paged_forward
-from grc_jax.infer.sampling import SamplingParams, sample
+from grc_jax.infer.sampling import SamplingParams, sample_rows
+from grc_jax.infer.scheduler import Job, Scheduler
 from grc_jax.model import forward, unstack_layers
 from grc_jax.model.head import embed_from_pooled, pool_latents
 from grc_jax.model.params import GRCParams
@@ -72,17 +74,6 @@ class Request:
     roles: list[int]
     memories: list[LatentMemory]
     start: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-    """How to generate after the prompt."""
-
-    max_new_tokens: int
-    sampling: SamplingParams
-    stop_tokens: tuple[int, ...]
-    keep_stop: bool = False
-    return_logits: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +117,17 @@ class EngineOptions:
     max_memories: int = 16
     prefill_chunk: int = 64
     attention_impl: str = "auto"
+    memory_slots: int = 0  # memories held on the device at once (0: max_batch * max_memories)
+    # Debugging aid: overwrite every page freed by a finished request with NaN (outputs must not
+    # change: no request may read another's stale pages).
+    poison_freed_pages: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.memory_slots, int) or self.memory_slots < 0:
+            raise UsageError(
+                f"EngineOptions.memory_slots: expected an integer >= 0 (0: max_batch * "
+                f"max_memories), got {self.memory_slots!r}"
+            )
         for name in ("page_size", "n_pages", "max_batch", "max_seq_len", "max_memories",
                      "prefill_chunk"):  # fmt: skip
             value = getattr(self, name)
@@ -171,23 +171,29 @@ class Engine:
         self.pool = PagePool(opts.n_pages, opts.page_size)
         self.cache = empty_cache(cfg.model, opts.n_pages, opts.page_size)
         m = cfg.model
-        mem_shape = (
-            m.n_layers,
-            opts.max_batch * opts.max_memories + 1,
-            self.K,
-            m.n_kv_heads,
-            m.head_dim,
-        )
-        self.mem_pool = {"k": jnp.zeros(mem_shape), "v": jnp.zeros(mem_shape)}
+        self.memories = MemoryPool(
+            opts.memory_slots or opts.max_batch * opts.max_memories,
+            m.n_layers, self.K, m.n_kv_heads, m.head_dim,
+        )  # fmt: skip
         self._inv_freq = jnp.asarray(inverse_frequencies(m))
         self.attention_impl = self._checked_attention_impl()
         # The weights are an argument, not a closure: closed-over arrays would be baked into the
         # compiled program as constants (a second copy of the model, and a slow compile).
+        impl = self.attention_impl
         step = lambda params, cache, mem, s: paged_forward(  # noqa: E731
-            params, m, cfg.grc, cache, mem, s, attention_impl=self.attention_impl
+            params, m, cfg.grc, cache, mem, s, attention_impl=impl
         )
         self._step = jax.jit(step, donate_argnums=(1,))
-        self._sample = jax.jit(sample)
+
+        def generation_step(params, cache, mem, s, last):
+            out, cache = paged_forward(
+                params, m, cfg.grc, cache, mem, s, attention_impl=impl, logits_index=last
+            )
+            return out.logits[:, 0], cache
+
+        # Generation (`Scheduler`): logits only at each sequence's last token of the chunk.
+        self._gen_step = jax.jit(generation_step, donate_argnums=(1,))
+        self._sample = jax.jit(sample_rows)
 
         def train_forward(p, batch):
             return forward(p, m, cfg.grc, batch, return_kv=True)
@@ -216,12 +222,12 @@ class Engine:
 
         return StepInputs(
             tokens=i32(B, 1), roles=i32(B, 1), positions=i32(B, 1), text_index=i32(B, 1),
-            block_tables=i32(B, self._table_width), text_lengths=i32(B),
+            block_tables=i32(B, self.table_width), text_lengths=i32(B),
             mem_tables=i32(B, self.opts.max_memories), mem_counts=i32(B),
         )  # fmt: skip
 
     @property
-    def _table_width(self) -> int:
+    def table_width(self) -> int:
         """Block-table entries per request: pages of `max_seq_len` text tokens."""
         return -(-self.opts.max_seq_len // self.opts.page_size)
 
@@ -356,15 +362,51 @@ class Engine:
 
     # ------------------------------------------------------------------ paged execution
 
+    @property
+    def mem_pool(self) -> dict[str, jax.Array]:
+        """The memory pool's arrays, `k` / `v` `[L, slots + 1, K, G, D]` (what decoding reads)."""
+        return self.memories.arrays
+
+    @mem_pool.setter
+    def mem_pool(self, arrays: dict[str, jax.Array]) -> None:
+        self.memories.arrays = arrays
+
+    def free_pages(self, pages: list[int]) -> None:
+        """Give `pages` back to the pool (NaN-filled first with `opts.poison_freed_pages`)."""
+        if self.opts.poison_freed_pages and pages:
+            at = np.asarray(pages)
+            self.cache = {k: c.at[:, at].set(jnp.nan) for k, c in self.cache.items()}
+        self.pool.free(pages)
+
+    def generation_step(self, tokens, roles, text_index, text_lengths, last_index, *,
+                        block_tables, mem_tables, mem_counts, starts) -> jax.Array:  # fmt: skip
+        """One jitted step of the fixed batch (`Scheduler`): writes the tokens' k / v into the
+        cache and returns the logits `[max_batch, V]` (on the device) at `last_index` of each
+        sequence's chunk."""
+        step = StepInputs(
+            tokens=tokens, roles=roles, positions=starts[:, None] + np.maximum(text_index, 0),
+            text_index=text_index, block_tables=block_tables, text_lengths=text_lengths,
+            mem_tables=mem_tables, mem_counts=mem_counts,
+        )  # fmt: skip
+        logits, self.cache = self._gen_step(
+            self.model_params, self.cache, self.mem_pool, step, last_index
+        )
+        return logits
+
+    def sample_rows(self, logits, seeds, counts, temperature, top_k, top_p) -> np.ndarray:
+        """Each row's next token (`sampling.sample_rows`), on the host."""
+        return np.asarray(self._sample(logits, seeds, counts, temperature, top_k, top_p))
+
     @contextlib.contextmanager
     def _placed(self, requests: list[Request], max_new_tokens: int) -> Iterator[Placement]:
         """Text pages for each request (prompt + `max_new_tokens`) and its memories in the pool;
-        the pages are freed on exit."""
+        both are released on exit."""
         opts, n = self.opts, len(requests)
         if n > opts.max_batch:
             raise UsageError(f"{n} requests in one batch, the engine holds {opts.max_batch}")
-        width = self._table_width
+        width = self.table_width
         pages, tables = [], np.zeros((opts.max_batch, width), np.int32)
+        keys: list[str] = []
         try:
             for b, r in enumerate(requests):
                 total = len(r.tokens) + max_new_tokens
@@ -375,7 +417,12 @@ class Engine:
                     )
                 pages.append(self.pool.alloc(b, total))
                 tables[b] = block_table(pages[-1], width)
-            mem_tables, mem_counts = self._load_memories([r.memories for r in requests])
+            mem_tables = np.zeros((opts.max_batch, opts.max_memories), np.int32)
+            mem_counts = np.zeros(opts.max_batch, np.int32)
+            for b, r in enumerate(requests):
+                reads = self._memory_keys(r.memories, f"request {b}", keys)
+                mem_tables[b, : len(reads)] = [self.memories.slot(k) for k in reads]
+                mem_counts[b] = len(reads)
             pad = opts.max_batch - n
             yield Placement(
                 block_tables=tables, mem_tables=mem_tables, mem_counts=mem_counts,
@@ -383,40 +430,28 @@ class Engine:
                 lengths=np.asarray([len(r.tokens) for r in requests] + [0] * pad),
             )  # fmt: skip
         finally:
+            self.memories.release(keys)
             for p in pages:
-                self.pool.free(p)
+                self.free_pages(p)
 
-    def _load_memories(
-        self, per_request: list[list[LatentMemory]]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Place memories in the shared pool (once per distinct memory); tables and counts."""
-        opts = self.opts
-        tables = np.zeros((opts.max_batch, opts.max_memories), np.int32)
-        counts = np.zeros(opts.max_batch, np.int32)
-        slots: dict[int, int] = {}
-        ks, vs, idx = [], [], []
-        for b, mems in enumerate(per_request):
-            if len(mems) > opts.max_memories:
-                raise UsageError(
-                    f"request {b}: {len(mems)} memories, the engine holds {opts.max_memories}"
-                )
-            check_memory_reads(self.cfg.grc.memory_mode, len(mems), f"request {b}")
-            for j, m in enumerate(mems):
-                self.check_memory(m, f"request {b} memory {j}")
-                if id(m) not in slots:
-                    slots[id(m)] = len(slots) + 1  # slot 0 stays empty
-                    ks.append(m.k)
-                    vs.append(m.v)
-                    idx.append(slots[id(m)])
-                tables[b, j] = slots[id(m)]
-            counts[b] = len(mems)
-        if idx:
-            at = jnp.asarray(idx)
-            self.mem_pool = {
-                "k": self.mem_pool["k"].at[:, at].set(jnp.asarray(np.stack(ks, 1))),
-                "v": self.mem_pool["v"].at[:, at].set(jnp.asarray(np.stack(vs, 1))),
-            }
-        return tables, counts
+    def _memory_keys(self, mems: list[LatentMemory], what: str, held: list[str]) -> list[str]:
+        """Store `mems` in the memory pool (each distinct object once) after checking they fit
+        this engine and model, and hold a read of each (its key appended to `held`, for the
+        caller to `memories.release`) so that none is evicted while the request is set up."""
+        if len(mems) > self.opts.max_memories:
+            raise UsageError(
+                f"{what}: {len(mems)} memories, the engine holds {self.opts.max_memories}"
+            )
+        check_memory_reads(self.cfg.grc.memory_mode, len(mems), what)
+        keys = []
+        for j, m in enumerate(mems):
+            self.check_memory(m, f"{what} memory {j}")
+            key = f"object:{id(m)}"
+            self.memories.put(key, m, named=False)
+            self.memories.acquire([key])
+            held.append(key)
+            keys.append(key)
+        return keys
 
     def _run_step(self, place: Placement, tokens, roles, text_index, text_lengths):
         """One jitted step over the whole (padded) batch; updates the cache in place."""
@@ -469,47 +504,6 @@ class Engine:
             ]
         return Prefill(last_logits=last_logits, outputs=outputs)
 
-    def _decode(
-        self, logits: np.ndarray, place: Placement, n: int, dec: Decoding
-    ) -> list[Generation]:
-        """Sample up to `dec.max_new_tokens` tokens per request, one jitted step per token."""
-        B = self.opts.max_batch
-        key = jax.random.key(dec.sampling.seed)
-        out: list[list[int]] = [[] for _ in range(n)]
-        step_logits: list[list[np.ndarray]] = [[] for _ in range(n)]
-        done = np.array([False] * n + [True] * (B - n))
-        reason = ["length"] * n
-        cur = place.lengths.copy()
-        s = dec.sampling
-        knobs = (jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p))
-        for _ in range(dec.max_new_tokens):
-            key, sub = jax.random.split(key)
-            nxt = np.asarray(self._sample(jnp.asarray(logits), sub, *knobs))
-            for b in range(n):
-                if done[b]:
-                    continue
-                if dec.return_logits:
-                    step_logits[b].append(logits[b].copy())
-                if int(nxt[b]) in dec.stop_tokens:
-                    done[b], reason[b] = True, "stop"
-                    if dec.keep_stop:
-                        out[b].append(int(nxt[b]))
-                    continue
-                out[b].append(int(nxt[b]))
-            if done.all() or len(max(out, key=len)) >= dec.max_new_tokens:
-                break
-            active = ~done
-            idx = np.where(active, cur, -1)[:, None].astype(np.int32)
-            tok = np.where(active, nxt, 0)[:, None].astype(np.int32)
-            rol = np.where(active, TEXT, 0)[:, None].astype(np.int32)
-            cur = np.where(active, cur + 1, cur)
-            logits = np.asarray(self._run_step(place, tok, rol, idx, cur).logits)[:, 0]
-        return [
-            Generation(out[b], self.tok.decode([t for t in out[b] if t not in dec.stop_tokens]),
-                       reason[b], step_logits[b] if dec.return_logits else None)
-            for b in range(n)
-        ]  # fmt: skip
-
     # ------------------------------------------------------------------ generation
 
     def generate_ids(self, prompts: list[list[int]],
@@ -517,12 +511,12 @@ class Engine:
                      max_new_tokens: int = 64, sampling: SamplingParams = GREEDY,
                      stop_tokens: tuple[int, ...] | None = None, keep_stop: bool = False,
                      return_logits: bool = False) -> list[Generation]:  # fmt: skip
-        """Generate from token-id prompts (a consumer block over `memories[b]` when given)."""
+        """Generate from token-id prompts (a consumer block over `memories[b]` when given), in
+        turns of `max_batch` (`Scheduler` with `policy="static"`)."""
         memories = memories or [[] for _ in prompts]
         if len(memories) != len(prompts):
             raise UsageError(f"{len(prompts)} prompts but {len(memories)} memory lists")
         stop = tuple(stop_tokens) if stop_tokens is not None else (self.tok.eos_id,)
-        dec = Decoding(max_new_tokens, sampling, stop, keep_stop, return_logits)
         for b, (p, m) in enumerate(zip(prompts, memories)):
             if len(p) == 0:
                 raise UsageError(f"generate: prompt {b} is empty")
@@ -531,17 +525,37 @@ class Engine:
                 len(m) * self.K + len(p) + max_new_tokens, f"generate: prompt {b}",
                 f"{reads}{len(p)} tokens + {max_new_tokens} new tokens",
             )  # fmt: skip
-        results = []
-        B = self.opts.max_batch
-        for i in range(0, len(prompts), B):
-            requests = [
-                Request(list(p), [TEXT] * len(p), list(m), start=len(m) * self.K)
-                for p, m in zip(prompts[i : i + B], memories[i : i + B])
-            ]
-            with self._placed(requests, max_new_tokens) as place:
-                last = self._prefill(requests, place, collect=False).last_logits
-                results += self._decode(last, place, len(requests), dec)
-        return results
+            if len(p) + max_new_tokens > self.opts.max_seq_len:
+                raise UsageError(
+                    f"request {b}: {len(p)} prompt + {max_new_tokens} new tokens exceed "
+                    f"max_seq_len={self.opts.max_seq_len}"
+                )
+        scheduler = Scheduler(self, policy="static", max_queue=max(1, len(prompts)))
+        held: list[str] = []
+        jobs = []
+        try:
+            for b, (p, m) in enumerate(zip(prompts, memories)):
+                keys = self._memory_keys(list(m), f"request {b}", held)
+                jobs.append(scheduler.submit(Job(
+                    list(p), max_new_tokens, sampling, stop, tuple(keys), keep_stop,
+                    return_logits,
+                )))  # fmt: skip
+            self.memories.release(held)
+            held = []
+            while not all(j.done for j in jobs):
+                if not scheduler.step():
+                    raise RuntimeError("generate: jobs left that the scheduler cannot run")
+        finally:
+            self.memories.release(held)
+            for j in jobs:
+                if not j.done:  # an error stopped the loop: free what the job holds
+                    scheduler.cancel(j)
+            scheduler.finish_cancelled()
+        return [
+            Generation(j.tokens, self.tok.decode([t for t in j.tokens if t not in stop]),
+                       j.finish_reason, j.step_logits if return_logits else None)
+            for j in jobs
+        ]  # fmt: skip
 
     def generate(self, prompts: list[str], memories: list[list[LatentMemory]] | None = None,
                  **kwargs) -> list[Generation]:  # fmt: skip

@@ -77,6 +77,7 @@ def paged_forward(
     step: StepInputs,
     attention_impl: str = "auto",
     attention: Callable[..., Array] = hybrid_paged_attention,
+    logits_index: Array | None = None,
 ) -> tuple[ModelOutput, dict[str, Array]]:
     """Run `step`'s tokens; returns (output with the chunk's (k, v), updated cache).
 
@@ -84,6 +85,7 @@ def paged_forward(
     D]`; `memories` holds `k`, `v` `[L, n_mem, K, G, D]` (canonical keys). The output's `kv` is
     `[L, b, c, G, D]`, keys rotated at `positions` (what a compression pass turns into a latent
     memory). `attention` is `hybrid_paged_attention` or a function with its signature.
+    `logits_index` (`[b]`): compute logits only at that chunk position of each sequence.
     """
     inv_freq = jnp.asarray(inverse_frequencies(cfg))
 
@@ -97,7 +99,9 @@ def paged_forward(
         )  # fmt: skip
         return attended, {"k": k_cache, "v": v_cache}
 
-    return decode(params, cfg, grc, step.tokens, step.roles, step.positions, attend, cache)
+    return decode(
+        params, cfg, grc, step.tokens, step.roles, step.positions, attend, cache, logits_index
+    )
 
 
 def decode_attention_args(

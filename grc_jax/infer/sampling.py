@@ -47,3 +47,21 @@ def sample(
     scaled = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
     drawn = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def sample_rows(
+    logits: Float[Array, "b v"],
+    seeds: Array,
+    counts: Array,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
+) -> Array:
+    """`sample` with per-row settings `[b]`: row i draws its `counts[i]`-th token from the stream
+    `fold_in(key(seeds[i]), counts[i])`, so what a request draws does not depend on its batch."""
+
+    def one(row, seed, n, t, k, p):
+        key = jax.random.fold_in(jax.random.key(seed), n)
+        return sample(row[None], key, t, k, p)[0]
+
+    return jax.vmap(one)(logits, seeds, counts, temperature, top_k, top_p)

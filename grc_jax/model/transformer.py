@@ -161,13 +161,16 @@ class Transformer(nn.Module):
         positions: Int[Array, "b c"],
         attend: Callable[[int, Array, Array, Array, Any], tuple[Array, Any]],
         state: Any,
+        logits_index: Int[Array, " b"] | None = None,
     ) -> tuple[ModelOutput, Any]:
         """`c` new tokens per sequence whose attention is `attend(layer, q, k, v, state)`.
 
         `attend` returns the attended values `[b, c, H, D]` and the new `state` (e.g. a KV cache
         it wrote the chunk's k / v into); `state` is threaded through the layers in order. The
         output's `kv` holds the chunk's own (k, v), `[L, b, c, G, D]`. Needs the per-layer
-        parameter layout (`unstack_layers` a scanned checkpoint first).
+        parameter layout (`unstack_layers` a scanned checkpoint first). With `logits_index`, the
+        LM head runs only at that position of each sequence (logits and hidden `[b, 1, ...]`:
+        what sampling needs, without the head's cost on every prompt token).
         """
         if self.cfg.scan_layers:
             raise ValueError(
@@ -181,7 +184,11 @@ class Transformer(nn.Module):
             x, (k, v), state = layer.decode(x, cos, sin, functools.partial(attend, i), state)
             ks.append(k)
             vs.append(v)
-        logits, hidden = self.head(x)
+        if logits_index is None:
+            logits, hidden = self.head(x)
+        else:
+            hidden = jnp.take_along_axis(self.final_norm(x), logits_index[:, None, None], axis=1)
+            logits = self.logits(hidden)
         return ModelOutput(logits=logits, hidden=hidden, kv=(jnp.stack(ks), jnp.stack(vs))), state
 
 
@@ -249,11 +256,13 @@ def decode(
     positions: Int[Array, "b c"],
     attend: Callable[[int, Array, Array, Array, Any], tuple[Array, Any]],
     state: Any,
+    logits_index: Int[Array, " b"] | None = None,
 ) -> tuple[ModelOutput, Any]:
     """`Transformer.decode` with per-layer `params` (see there)."""
     return build_model(cfg, grc).apply(
-        {"params": params}, tokens, roles, positions, attend, state, method=Transformer.decode
-    )
+        {"params": params}, tokens, roles, positions, attend, state, logits_index,
+        method=Transformer.decode,
+    )  # fmt: skip
 
 
 def stack_layers(params: Any, n_layers: int) -> Any:

@@ -259,7 +259,8 @@ def test_freed_pages_are_never_read(engine, params, cfg_ind, tok, compressed):
 
 def test_no_recompilation_per_token_or_request(engine, tok, compressed):
     """After one warm-up, generations of other lengths, batch sizes and sampling settings trace
-    and compile nothing; the step function holds exactly two programs (prefill and decode)."""
+    and compile nothing; the generation step holds exactly two programs (prefill chunk and
+    decode)."""
     engine.generate_ids([_ids(tok, "warm up")], max_new_tokens=2, stop_tokens=())
     # jit(sample) shares its cache with every engine's jit(sample): compare, do not count.
     n_sample = engine._sample._cache_size()
@@ -289,7 +290,7 @@ def test_no_recompilation_per_token_or_request(engine, tok, compressed):
     # With memories (a different memory table each call) the step still has its two programs.
     mems = [m for m, _ in compressed]
     engine.generate_ids([_ids(tok, "q")] * 2, memories=[mems[:2], mems[2:]], max_new_tokens=3)
-    assert engine._step._cache_size() == 2
+    assert engine._gen_step._cache_size() == 2
     assert engine._sample._cache_size() == n_sample
 
 

@@ -1,0 +1,1 @@
+"""`grc serve`: the OpenAI-compatible server (continuous batching, shared latent memories)."""
