@@ -54,11 +54,16 @@ tune: $(STAMP) $(REAL) $(BASE)/import_info.json
 
 # `make test` (CI, sized for 20 minutes on 2 cores) leaves out the tests marked `slow`;
 # `make test-all` runs them too (multi-process runs, kill-and-resume campaigns, long tunes).
+# Tests run in WORKERS processes (pytest-xdist; one per core of the 2-core CI machine), each test
+# file whole in one worker (its module fixtures are built once); WORKERS=0 runs in this process.
+WORKERS ?= 2
+XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" $(XDIST) tests
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check grc_jax pallas_kernels tests benchmarks scripts

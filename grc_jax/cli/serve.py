@@ -8,6 +8,7 @@ compiled before the port opens, so the first request does not pay for compilatio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from grc_jax.core.errors import UsageError
 
@@ -64,65 +65,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def build_server(args: argparse.Namespace):
-    """(app, worker) for `args`: the model loaded, the engine thread started and warmed up."""
-    from pathlib import Path
-
-    from grc_jax.convert.adapter import load_any
-    from grc_jax.infer.engine import Engine, EngineOptions
-    from grc_jax.serve.app import create_app
-    from grc_jax.serve.worker import EngineWorker
-
-    for flag in (
-        "max_batch",
-        "max_seq_len",
-        "page_size",
-        "prefill_chunk",
-        "max_memories",
-        "memory_slots",
-        "max_queue",
-    ):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')}: expected at least 1")
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port: expected 1..65535, got {args.port}")
-    index = None
-    if args.index:
-        from grc_jax.infer.index import load_index
-
-        index = load_index(args.index)
-    cfg, params, tok = load_any(args.model, args.step)
-    pages = args.n_pages or args.max_batch * -(-args.max_seq_len // args.page_size) + 1
-    opts = EngineOptions(
-        page_size=args.page_size,
-        n_pages=pages,
-        max_batch=args.max_batch,
-        max_seq_len=args.max_seq_len,
-        max_memories=args.max_memories,
-        prefill_chunk=args.prefill_chunk,
-        attention_impl=args.attention_impl,
-        memory_slots=args.memory_slots,
-        poison_freed_pages=args.poison_freed_pages,
-    )
-    engine = Engine(cfg, params, tok, opts)
-    if index is not None:
-        from grc_jax.infer.index import check_index
-
-        check_index(engine, index)
-    # Compile the prefill and decode programs now, not on the first request.
-    engine.generate_ids([[tok.bos_id]], max_new_tokens=2, stop_tokens=())
-    worker = EngineWorker(engine, policy=args.policy, max_queue=args.max_queue).start()
-    name = args.served_model_name or Path(args.model).resolve().name
-    return create_app(worker, name, index), worker, name
-
-
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
 
+    from grc_jax.serve.launch import ServeOptions, build_server
+
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app, worker, name = build_server(args)
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port: expected 1..65535, got {args.port}")
+    fields = {f.name for f in dataclasses.fields(ServeOptions)}
+    app, worker, name = build_server(ServeOptions(**{k: v for k, v in vars(args).items()
+                                                     if k in fields}))  # fmt: skip
     print(
         f"grc serve: model {name!r} on http://{args.host}:{args.port}/v1 "
         f"({args.policy} batching, {args.max_batch} slots)",

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax.core.batch import Rows
+from grc_jax.core.batch import ROW_FIELDS, Rows
 from grc_jax.core.config import Config
 from grc_jax.core.constants import check_memory_reads
 from grc_jax.core.errors import MemoryMismatchError, UsageError
@@ -58,6 +58,19 @@ from grc_jax.model.rope import inverse_frequencies, rotate
 from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS, resolve_impl, usable_impl
 
 GREEDY = SamplingParams()
+ENCODE_BATCH = 64  # rows per embedding / compression pass
+
+
+def _length_bucket(n: int) -> int:
+    """Padded row length for `n` tokens: a multiple of 16 up to 128, of 64 up to 512, then of
+    256 (at most a few dozen distinct lengths to compile, padding under 50%)."""
+    step = 16 if n <= 128 else 64 if n <= 512 else 256
+    return max(step, -(-n // step) * step)
+
+
+def _example_length(example: list) -> int:
+    """Tokens of a one-block example (its spans)."""
+    return sum(len(span.tokens) for span in example[0])
 
 
 def _preview(s: str, n: int = 24) -> str:
@@ -175,6 +188,11 @@ class Engine:
             opts.memory_slots or opts.max_batch * opts.max_memories,
             m.n_layers, self.K, m.n_kv_heads, m.head_dim,
         )  # fmt: skip
+        # Committed to the weights' device from the start, as every step's outputs are: a program
+        # compiled for an uncommitted cache would be compiled a second time for a committed one.
+        device = next(iter(jax.tree.leaves(model_params)[0].devices()))
+        self.cache = jax.device_put(self.cache, device)
+        self.memories.arrays = jax.device_put(self.memories.arrays, device)
         self._inv_freq = jnp.asarray(inverse_frequencies(m))
         self.attention_impl = self._checked_attention_impl()
         # The weights are an argument, not a closure: closed-over arrays would be baked into the
@@ -195,10 +213,15 @@ class Engine:
         self._gen_step = jax.jit(generation_step, donate_argnums=(1,))
         self._sample = jax.jit(sample_rows)
 
-        def train_forward(p, batch):
-            return forward(p, m, cfg.grc, batch, return_kv=True)
+        def encode(p, rows, return_kv):
+            """Embedding / compression pass: no LM head; pooled latents `[b, d]` (+ k / v)."""
+            out = forward(p, m, cfg.grc, rows, return_kv=return_kv, with_logits=False)
+            pooled = pool_latents(
+                out.hidden, rows.segment_ids, rows.block_ids, rows.roles, 1, cfg.grc.pooling
+            )
+            return out.kv, pooled[:, 0]
 
-        self._forward = jax.jit(train_forward)
+        self._encode = jax.jit(encode, static_argnums=2)
 
     def _checked_attention_impl(self) -> str:
         """`opts.attention_impl`, or "reference" if the decode kernel it selects on this backend
@@ -233,9 +256,6 @@ class Engine:
 
     # ------------------------------------------------------------------ memories and embeddings
 
-    def _rows(self, examples) -> Rows:
-        return one_per_row(examples, self.K, self.cfg.grc.memory_mode)
-
     def _embedding_dim(self) -> int:
         return self.head.dim or self.cfg.model.d_model
 
@@ -265,13 +285,23 @@ class Engine:
                 f"{len(d)} tokens (with bos){extra} + {self.K} latents",
             )
 
-    def _embed_rows(self, rows) -> tuple[Any, np.ndarray]:
-        out = self._forward(self.model_params, rows)
-        pooled = pool_latents(
-            out.hidden, jnp.asarray(rows.segment_ids), jnp.asarray(rows.block_ids),
-            jnp.asarray(rows.roles), 1, self.cfg.grc.pooling,
-        )  # fmt: skip
-        return out, np.asarray(embed_from_pooled(self.head, pooled[:, 0]))
+    def _encoded(self, examples: list, return_kv: bool) -> Iterator[tuple]:
+        """Embedding / compression passes over `examples` (one row each), shortest first, in
+        batches of up to `ENCODE_BATCH` rows padded to a small bucket of rows and of tokens (few
+        shapes to compile, little padding); yields `(indices, rows, kv, embeddings)` per batch."""
+        order = sorted(range(len(examples)), key=lambda i: _example_length(examples[i]))
+        for i in range(0, len(order), ENCODE_BATCH):
+            idx = order[i : i + ENCODE_BATCH]
+            part = [examples[j] for j in idx]
+            n_rows = 1 << (len(part) - 1).bit_length()  # rows: a power of two
+            part += part[:1] * (n_rows - len(part))
+            rows = one_per_row(part, self.K, self.cfg.grc.memory_mode, bucket=1)
+            t = _length_bucket(rows.tokens.shape[1])
+            rows = Rows(**{k: np.pad(getattr(rows, k), ((0, 0), (0, t - rows.tokens.shape[1])))
+                           for k in ROW_FIELDS})  # fmt: skip
+            kv, pooled = self._encode(self.model_params, rows, return_kv)
+            emb = np.asarray(embed_from_pooled(self.head, pooled))[: len(idx)]
+            yield idx, rows, kv, emb
 
     def embed(
         self, texts: list[str], self_reason: bool = False, max_reasoning: int = 32
@@ -293,12 +323,10 @@ class Engine:
             [[text(p), gen(r), latents(self.K)] if r else [text(p), latents(self.K)]]
             for p, r in zip(prompts, reasoning)
         ]
-        return np.concatenate(
-            [
-                self._embed_rows(self._rows(examples[i : i + 64]))[1]
-                for i in range(0, len(examples), 64)
-            ]
-        )
+        out = np.zeros((len(texts), self._embedding_dim()), np.float32)
+        for idx, _, _, emb in self._encoded(examples, return_kv=False):
+            out[idx] = emb
+        return out
 
     def compress(self, texts: list[str]) -> list[tuple[LatentMemory, np.ndarray]]:
         """One pass per text: its latent memory (canonical K/V) and its embedding."""
@@ -306,17 +334,15 @@ class Engine:
             raise TypeError("compress: expected a list of texts, got one string")
         all_docs = [[self.tok.bos_id, *self._encode_text(t, "compress")] for t in texts]
         self._check_compression("compress", all_docs, texts)
-        results = []
-        for i in range(0, len(all_docs), 64):
-            docs = all_docs[i : i + 64]
-            rows = self._rows([[[text(d), latents(self.K)]] for d in docs])
-            out, emb = self._embed_rows(rows)
-            k_all, v_all = (np.asarray(a) for a in out.kv)  # [L, b, t, G, D]
-            for j, d in enumerate(docs):
+        results: list[Any] = [None] * len(texts)
+        examples = [[[text(d), latents(self.K)]] for d in all_docs]
+        for idx, rows, kv, emb in self._encoded(examples, return_kv=True):
+            k_all, v_all = (np.asarray(a) for a in kv)  # [L, b, t, G, D]
+            for j, i in enumerate(idx):
                 lat = np.where(rows.roles[j] == LATENT)[0]
                 first = int(rows.positions[j, lat[0]])
                 k = self._canonical(k_all[:, j, lat], first)
-                results.append((self._memory(k, v_all[:, j, lat], len(d)), emb[j]))
+                results[i] = (self._memory(k, v_all[:, j, lat], len(all_docs[i])), emb[j])
         return results
 
     def _canonical(self, k: np.ndarray, first_position: int) -> np.ndarray:

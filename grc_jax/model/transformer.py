@@ -48,7 +48,7 @@ class ModelOutput:
     keys back by the position of its first latent.
     """
 
-    logits: Float[Array, "b t v"]
+    logits: Float[Array, "b t v"] | None  # None when the model was built with_logits=False
     hidden: Float[Array, "b t d"]
     kv: tuple[Array, Array] | None = None
 
@@ -58,6 +58,7 @@ class Transformer(nn.Module):
     num_latents: int
     memory_mode: str = "independent"
     return_kv: bool = False  # __call__ also returns every layer's (k, v)
+    with_logits: bool = True  # False: __call__ skips the LM head (embedding, compression)
 
     def setup(self):
         cfg = self.cfg
@@ -151,6 +152,8 @@ class Transformer(nn.Module):
                 x, layer_kv = layer(x, mask, cos, sin)
                 kvs.append(layer_kv)
             kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if self.return_kv else None
+        if not self.with_logits:
+            return ModelOutput(logits=None, hidden=self.final_norm(x), kv=kv)
         logits, hidden = self.head(x)
         return ModelOutput(logits=logits, hidden=hidden, kv=kv)
 
@@ -192,10 +195,13 @@ class Transformer(nn.Module):
         return ModelOutput(logits=logits, hidden=hidden, kv=(jnp.stack(ks), jnp.stack(vs))), state
 
 
-def build_model(cfg: ModelConfig, grc: GRCConfig, return_kv: bool = False) -> Transformer:
+def build_model(
+    cfg: ModelConfig, grc: GRCConfig, return_kv: bool = False, with_logits: bool = True
+) -> Transformer:
     return Transformer(
-        cfg=cfg, num_latents=grc.num_latents, memory_mode=grc.memory_mode, return_kv=return_kv
-    )
+        cfg=cfg, num_latents=grc.num_latents, memory_mode=grc.memory_mode, return_kv=return_kv,
+        with_logits=with_logits,
+    )  # fmt: skip
 
 
 def _dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, Array]:
@@ -224,13 +230,16 @@ def forward(
     rows: Rows,
     return_kv: bool = False,
     lora: dict[str, Any] | None = None,
+    with_logits: bool = True,
 ) -> ModelOutput:
     """One forward pass over packed rows (a `Batch` is `Rows` too).
 
     `lora`: flat LoRA factors (`GRCParams.lora`) applied unmerged, `x W + (x a) b` (training);
-    `forward(merge_lora(params, lora, ...), ...)` computes the same function.
+    `forward(merge_lora(params, lora, ...), ...)` computes the same function. `with_logits=False`
+    leaves out the LM head (output `logits` is None): embedding and compression need only the
+    hidden states (and k / v).
     """
-    model = build_model(cfg, grc, return_kv)
+    model = build_model(cfg, grc, return_kv, with_logits)
     variables = {"params": params}
     if lora:
         variables["lora"] = lora_collection(lora)

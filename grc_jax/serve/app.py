@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import logging
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,7 +29,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from grc_jax.core.constants import check_memory_reads
 from grc_jax.core.errors import MemoryMismatchError, UserError
+from grc_jax.infer.index import search
+from grc_jax.infer.memory import LatentMemory
 from grc_jax.infer.memory_pool import MemoryPoolFullError
 from grc_jax.infer.sampling import SamplingParams
 from grc_jax.infer.scheduler import Job, QueueFullError
@@ -96,8 +100,6 @@ class Server:
             "the request", f"{len(job.memory_keys)} memories x {self.engine.K} latents + "
             f"{len(job.prompt)} prompt tokens + {job.max_new_tokens} new tokens",
         )  # fmt: skip
-        from grc_jax.core.constants import check_memory_reads
-
         check_memory_reads(self.engine.cfg.grc.memory_mode, len(job.memory_keys), "this model")
         return self.sched.submit(job)
 
@@ -163,9 +165,8 @@ class Server:
 
     async def rag_memories(self, question: str, k: int, self_reason: bool) -> tuple[list, list]:
         """Top-k documents of the index for `question`; their memories held by the pool as
-        `index:<id>` (held once, shared by every request that retrieves them)."""
-        from grc_jax.infer.index import search
-
+        `index:<id>` (held once, shared by every request that retrieves them) and read-locked
+        until the caller releases them (after submitting the job that reads them)."""
         index, engine = self.index, self.engine
 
         def retrieve():
@@ -175,6 +176,7 @@ class Server:
             keys = [f"index:{int(i)}" for i in ids]
             for key, m in zip(keys, mems):
                 engine.memories.put(key, m, named=True)
+                engine.memories.acquire([key])  # not evicted before the job reads it
             return list(zip([int(i) for i in ids], [float(s) for s in scores])), keys
 
         return await asyncio.wrap_future(self.worker.call(retrieve))
@@ -279,8 +281,12 @@ def create_app(worker: Any, model_name: str, index: Any = None) -> FastAPI:
                         "created": created, "model": model_name}  # fmt: skip
                 if kind == "chat":
                     yield _sse({**head, "choices": [choice(None, None, first=True)]})
-                async for delta in srv.tokens(job, q, request, stream):
-                    yield _sse({**head, "choices": [choice(delta, None)]})
+                deltas = srv.tokens(job, q, request, stream)
+                try:
+                    async for delta in deltas:
+                        yield _sse({**head, "choices": [choice(delta, None)]})
+                finally:  # also when the client went away: cancels the job now
+                    await deltas.aclose()
                 final = {**head, "choices": [choice(None, srv.finish_reason(job, stream))]}
                 if extra:
                     final.update(extra)
@@ -334,7 +340,10 @@ def create_app(worker: Any, model_name: str, index: Any = None) -> FastAPI:
         hits, keys = await srv.rag_memories(body.question, k, body.self_reason)
         extra = {"hits": [{"rank": n, "id": i, "score": round(s, 6), "text": srv.index.texts[i]}
                           for n, (i, s) in enumerate(hits, 1)]}  # fmt: skip
-        return await generate(request, body, ids, new, "text", keys=keys, extra=extra)
+        try:
+            return await generate(request, body, ids, new, "text", keys=keys, extra=extra)
+        finally:  # the job holds its own reads once submitted
+            await asyncio.wrap_future(srv.worker.call(srv.engine.memories.release, keys))
 
     # ------------------------------------------------------------------ embeddings and memories
 
@@ -413,10 +422,6 @@ def create_app(worker: Any, model_name: str, index: Any = None) -> FastAPI:
 
 def _decode_memory(data: str):
     """A `grc compress` .safetensors file sent as base64 -> LatentMemory (400 if it is not one)."""
-    import tempfile
-
-    from grc_jax.infer.memory import LatentMemory
-
     try:
         raw = base64.b64decode(data, validate=True)
     except ValueError:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("jax", "numpy", "orbax", "grain", "transformers", "torch", "flax")
 NAMES = [
     "adapter", "aot", "compress", "data", "embed", "eval", "export", "generate", "import-hf",
-    "index", "rag", "tokenizer", "train", "update",
+    "index", "rag", "serve", "tokenizer", "train", "update",
 ]  # fmt: skip
 
 

@@ -16,7 +16,7 @@ LAYERS = {
     "__init__": 0, "core": 0, "model": 1, "data": 2, "checkpoints": 3, "integrity": 3, "adapter": 3,
     "train": 4,
     "infer": 4,
-    "convert": 5, "eval": 5, "cli": 6,
+    "convert": 5, "eval": 5, "serve": 6, "cli": 7,
 }  # fmt: skip
 SIBLINGS = {("train", "infer"), ("infer", "train"), ("convert", "eval"), ("eval", "convert")}
 

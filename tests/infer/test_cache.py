@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grc_jax.core.errors import OutOfPagesError
+from grc_jax.core.errors import OutOfPagesError, UsageError
 from grc_jax.infer.cache import PagePool, block_table, empty_cache
 from grc_jax.infer.engine import Engine
 from grc_jax.infer.paged import write_pages
@@ -93,9 +93,17 @@ def test_write_pages_scatters_by_text_index():
     assert np.isnan(out[0]).all()  # page 0 untouched by padding
 
 
-def test_engine_out_of_pages_frees_what_it_took(cfg_ind, params, tok):
+def test_engine_short_of_pages_runs_in_turns_and_refuses_what_never_fits(cfg_ind, params, tok):
+    """Three requests of 3 pages with 7 free: two run, the third waits for their pages (same
+    tokens as alone). A request that needs more pages than the pool has is refused up front,
+    and the requests before it release everything."""
     small = Engine(cfg_ind, params, tok, replace(OPTS, n_pages=8))
-    prompts = [[tok.bos_id] * 10] * 3  # 3 pages each, 7 free
-    with pytest.raises(OutOfPagesError, match="request 2"):
-        small.generate_ids(prompts, max_new_tokens=2)
+    prompts = [[tok.bos_id, 5 + i, *[7] * 8] for i in range(3)]  # + 2 new: 3 pages each
+    got = small.generate_ids(prompts, max_new_tokens=2, stop_tokens=())
+    alone = [small.generate_ids([p], max_new_tokens=2, stop_tokens=())[0] for p in prompts]
+    assert [g.tokens for g in got] == [a.tokens for a in alone]
     assert small.pool.free_pages == 7 and small.pool.owner == {}
+    tiny = Engine(cfg_ind, params, tok, replace(OPTS, n_pages=4))
+    with pytest.raises(UsageError, match="need 4 pages, the pool has 3"):
+        tiny.generate_ids([[1, 2], [tok.bos_id] * 12], max_new_tokens=2)
+    assert tiny.pool.free_pages == 3 and tiny.memories.held == 0

@@ -405,8 +405,8 @@ def _no_compute(eng, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a refused input reached the model")
 
-    monkeypatch.setattr(eng, "_forward", boom)
-    monkeypatch.setattr(eng, "_step", boom)
+    for compute in ("_encode", "_step", "_gen_step"):
+        monkeypatch.setattr(eng, compute, boom)
 
 
 def test_inputs_past_max_position_embeddings_are_refused(cfg_ind, cfg_rec, params, tok,

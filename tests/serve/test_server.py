@@ -4,24 +4,19 @@ disconnects, bad requests. The model is a tiny run trained for two steps."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import concurrent.futures
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx2
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
-from grc_jax.cli.serve import add_serve_arguments, build_server
 from grc_jax.core.config import load_config
 from grc_jax.data.synth import synthesize
+from grc_jax.serve import live as live_server
 from grc_jax.train.loop import train
 from tests.infer.test_cli import SMALL
 
@@ -31,12 +26,6 @@ DOCS = [
     "the river arun flows north into the lake of tarn .",
     "marek painted the old bridge blue in the spring .",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,57 +40,30 @@ def run_dir(tmp_path_factory) -> str:
     return str(root / "runs/tiny")
 
 
-class LiveServer:
-    """`build_server` (what `grc serve` runs) under uvicorn in a thread; stopped by `close`."""
-
-    def __init__(self, run: str, *flags: str):
-        p = argparse.ArgumentParser()
-        add_serve_arguments(p)
-        self.port = _free_port()
-        args = p.parse_args([run, "--port", str(self.port), "--max-batch", "8", "--max-seq-len",
-                             "96", "--page-size", "8", "--prefill-chunk", "16",
-                             "--memory-slots", "6", "--max-memories", "3", *flags])  # fmt: skip
-        self.app, self.worker, self.name = build_server(args)
-        self.engine = self.worker.engine
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0,
-                                    timeout=120)  # fmt: skip
-        self.http = httpx2.Client(base_url=self.url, timeout=120)
-
-    def on_engine(self, fn, *args, **kwargs):
-        return self.worker.call(fn, *args, **kwargs).result(timeout=300)
-
-    def quiet(self) -> None:
-        """Wait until no request runs or waits (cancellations land at the next step)."""
-        deadline = time.monotonic() + 60
-        while not self.worker.scheduler.idle:
-            assert time.monotonic() < deadline, "requests still running"
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.worker.stop()
+SIZES = dict(max_batch=8, max_seq_len=96, page_size=8, prefill_chunk=16, memory_slots=6,
+             max_memories=3)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def live(run_dir):
-    server = LiveServer(run_dir, "--poison-freed-pages")
+def index_dir(run_dir, tmp_path_factory) -> str:
+    """`grc index` of DOCS by the tiny run."""
+    from grc_jax.cli import main
+
+    root = tmp_path_factory.mktemp("index")
+    (root / "corpus.txt").write_text("\n".join(DOCS) + "\n")
+    assert main(["index", run_dir, "--corpus", str(root / "corpus.txt"), "--out",
+                 str(root / "index")]) == 0  # fmt: skip
+    return str(root / "index")
+
+
+@pytest.fixture(scope="module")
+def live(run_dir, index_dir):
+    server = live_server.LiveServer(run_dir, poison_freed_pages=True, index=index_dir, **SIZES)
     yield server
     server.close()
 
 
-def _leak_free(live: LiveServer) -> None:
+def _leak_free(live: live_server.LiveServer) -> None:
     live.quiet()
     e = live.engine
     assert e.pool.free_pages == e.pool.n_pages - 1, "pages leaked"
@@ -185,6 +147,26 @@ def test_memories_are_created_read_shared_and_deleted(live):
     _leak_free(live)
 
 
+def test_rag_reads_the_retrieved_memories_shared_in_the_pool(live):
+    from grc_jax.infer.index import search
+
+    q = "which city has a population of forty two thousand ?"
+    body = {"model": live.name, "question": q, "k": 2, "max_tokens": 8}
+    out = live.http.post("/v1/rag", json=body).json()
+    index = live.app.state.server.index
+    emb = live.on_engine(live.engine.embed, [q])[0]
+    _, ids = search(index, emb, 2)
+    assert [h["id"] for h in out["hits"]] == [int(i) for i in ids]
+    assert [h["text"] for h in out["hits"]] == [DOCS[int(i)] for i in ids]
+    (want,) = live.on_engine(live.engine.generate, [q], [index.memories([int(i) for i in ids])],
+                             max_new_tokens=8)  # fmt: skip
+    assert out["choices"][0]["text"] == want.text
+    again = live.http.post("/v1/rag", json=body).json()
+    assert again["choices"][0]["text"] == want.text
+    assert all(f"index:{int(i)}" in live.engine.memories for i in ids)  # held once, kept
+    _leak_free(live)
+
+
 # --------------------------------------------------------------------------- under load
 
 
@@ -218,11 +200,13 @@ def test_32_concurrent_requests_equal_each_request_alone(live):
         objs = [live.on_engine(live.engine.memories.get, m) for m in mems]
         (want,) = live.on_engine(live.engine.generate, [prompt], [objs], max_new_tokens=n)
         assert choice.text == want.text and choice.finish_reason == want.finish_reason
+    assert live.engine._gen_step._cache_size() == 2  # nothing compiled per request or token
     _leak_free(live)
-    assert live.engine.memories.named == 3
+    assert all(m in live.engine.memories for m in ids)
+    held = live.engine.memories.held
     for m in ids:
         live.http.delete(f"/v1/memories/{m}")
-    assert live.engine.memories.held == 0
+    assert live.engine.memories.held == held - 3
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_pages(live):
@@ -292,20 +276,101 @@ def test_a_memory_from_another_model_is_refused(live, tmp_path):
     _error(live.http.post("/v1/memories", json={"model": live.name, "data": "!!"}), 400)
 
 
-def test_past_the_queue_bound_requests_get_503_with_retry_after(run_dir):
-    server = LiveServer(run_dir, "--max-queue", "1", "--max-batch", "1")
+def test_past_the_queue_bound_requests_get_503_with_retry_after(live):
+    """With the engine's thread held up, three requests arrive; under a queue bound of one the
+    first waits and runs, the other two get 503 with Retry-After, and the server goes on."""
+    import time
+
+    sched = live.worker.scheduler
+    bound, sched.max_queue = sched.max_queue, 1
     try:
+        held = live.worker.call(time.sleep, 1.5)  # everything sent now lands in one drain
 
         def call(_):
-            body = {"model": server.name, "prompt": "velora", "max_tokens": 40, "temperature": 0}
-            return server.http.post("/v1/completions", json=body)
+            body = {"model": live.name, "prompt": "velora", "max_tokens": 4, "temperature": 0}
+            return live.http.post("/v1/completions", json=body)
 
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            codes = [r.status_code for r in pool.map(call, range(6))]
-        busy = [c for c in codes if c == 503]
-        assert busy and set(codes) <= {200, 503}
-        assert server.http.get("/health").status_code == 200
-        assert call(0).status_code == 200
-        _leak_free(server)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(call, range(3)))
+        held.result()
     finally:
-        server.close()
+        sched.max_queue = bound
+    assert sorted(r.status_code for r in answers) == [200, 503, 503]
+    busy = [r for r in answers if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "1" for r in busy)
+    assert _error(busy[0], 503)["type"] == "server_overloaded"
+    assert call(0).status_code == 200
+    _leak_free(live)
+
+
+# --------------------------------------------------------------------------- docs/serving.md
+
+
+def _blocks(lang: str) -> list[str]:
+    text = (ROOT / "docs/serving.md").read_text()
+    return [b.split("```", 1)[0] for b in text.split(f"```{lang}\n")[1:]]
+
+
+def test_the_examples_of_docs_serving_work_as_written(live, capfd):
+    """The Python example runs against the live server of the run `runs/.../tiny` (only the
+    port differs), and every `curl` call answers 200 with JSON or server-sent events."""
+    import shutil
+    import subprocess
+
+    srv = live
+    assert srv.name == "tiny"  # the run directory's name, as in the docs
+    code = _blocks("python")[0].replace("127.0.0.1:8000", f"127.0.0.1:{srv.port}")
+    exec(compile(code, "docs/serving.md", "exec"), {})
+    out = capfd.readouterr().out
+    assert "'deleted': True" in out, out
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    script = _blocks("bash")[1].replace("127.0.0.1:8000", f"127.0.0.1:{srv.port}")
+    made = srv.http.post("/v1/memories", json={"model": "tiny", "input": DOCS[0]}).json()
+    script = script.replace("mem-PASTE-THE-ID", made["id"])
+    commands = [c.strip() for c in script.replace("\\\n", " ").split("\ncurl")]
+    for c in commands:
+        c = c if c.startswith("curl") else "curl " + c
+        c = "\n".join(line for line in c.splitlines() if not line.lstrip().startswith("#"))
+        r = subprocess.run(["bash", "-c", c.replace("curl -s", "curl -sf", 1)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0 and r.stdout.strip(), (c, r.stderr)
+    srv.http.delete(f"/v1/memories/{made['id']}")
+    _leak_free(srv)
+
+
+def test_grc_serve_command_starts_answers_and_stops(run_dir):
+    """`grc serve RUN` as a real process: ready line, a completion, clean exit on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = live_server.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grc_jax.cli", "serve", run_dir, "--port", str(port),
+         "--max-batch", "2", "--max-seq-len", "64", "--log-level", "info"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert f"on http://127.0.0.1:{port}/v1" in line, line + proc.stdout.read()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=60)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                out = client.completions.create(model="tiny", prompt="velora", max_tokens=3)
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not open its port"
+                time.sleep(0.1)
+        assert out.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Finished server process" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
