@@ -134,7 +134,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--time-seq-lens", default="2048,8192", help="lengths also timed")
     p.add_argument("--impls", default="dense,chunked", help="model.attention_impl values")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after the warm-up steps)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the step is "
+                   "compiled ahead of time either way)")  # fmt: skip
     p.add_argument("--chunk", type=int, default=512, help="model.attention_chunk")
     p.add_argument("--dtype", default="float32", help="model.dtype (bf16 matmuls are slow on CPU)")
     p.add_argument("--remat", default="full", help="model.remat_policy")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times = {}
         if t in timed:
             runnable = {i: s for i, s in steps.items() if s is not None}
-            times = interleaved_times(runnable, args.steps, warmup=1)
+            times = interleaved_times(runnable, args.steps, warmup=args.warmup)
         for impl, s in steps.items():
             r = {"seq_len": t, "impl": impl, "compiles": s is not None}
             if s is not None:
