@@ -112,14 +112,6 @@ class PromptOutput:
 
 
 @dataclasses.dataclass(frozen=True)
-class Prefill:
-    """Each request's last-token logits `[max_batch, V]`; every token's outputs if collected."""
-
-    last_logits: np.ndarray
-    outputs: list[PromptOutput] | None
-
-
-@dataclasses.dataclass(frozen=True)
 class EngineOptions:
     """Sizes of the engine's fixed shapes (each compiles once) and the attention implementation."""
 
@@ -378,7 +370,7 @@ class Engine:
         roles = [TEXT] * len(ids) + [LATENT] * self.K
         request = Request(tokens, roles, [memory], start=self.K)
         with self._placed([request], 0) as place:
-            (out,) = self._prefill([request], place, collect=True).outputs
+            (out,) = self._prefill([request], place)
         lat = np.arange(len(ids), len(tokens))
         k = self._canonical(out.k[:, lat], self.K + len(ids))
         hidden = out.hidden
@@ -491,13 +483,12 @@ class Engine:
         out, self.cache = self._step(self.model_params, self.cache, self.mem_pool, step)
         return out
 
-    def _prefill(self, requests: list[Request], place: Placement, collect: bool) -> Prefill:
-        """Every prompt token in fixed chunks; the logits of each request's last token, and with
-        `collect` every token's logits, hidden state and (k, v)."""
+    def _prefill(self, requests: list[Request], place: Placement) -> list[PromptOutput]:
+        """Every prompt token in fixed chunks (`update`'s pass); each request's per-token logits,
+        hidden states and (k, v). Generation runs on the `Scheduler` instead."""
         B, c = self.opts.max_batch, self.opts.prefill_chunk
         lens = place.lengths
         parts: list[list[tuple]] = [[] for _ in requests]
-        last_logits = np.zeros((B, self.cfg.model.vocab_size), np.float32)
         for c0 in range(0, int(max(lens)), c):
             tok = np.zeros((B, c), np.int32)
             rol = np.zeros((B, c), np.int32)
@@ -508,27 +499,20 @@ class Engine:
                 rol[b, : len(seg)] = r.roles[c0 : c0 + c]
                 idx[b, : len(seg)] = np.arange(c0, c0 + len(seg))
             out = self._run_step(place, tok, rol, idx, np.minimum(lens, c0 + c))
-            logits = np.asarray(out.logits)
-            if collect:
-                hidden, (k, v) = np.asarray(out.hidden), (np.asarray(a) for a in out.kv)
+            logits, hidden = np.asarray(out.logits), np.asarray(out.hidden)
+            k, v = (np.asarray(a) for a in out.kv)
             for b in range(len(requests)):
                 m = idx[b] >= 0
-                if collect:
-                    parts[b].append((logits[b, m], hidden[b, m], k[:, b, m], v[:, b, m]))
-                if lens[b] - 1 in idx[b]:
-                    last_logits[b] = logits[b, list(idx[b]).index(lens[b] - 1)]
-        outputs = None
-        if collect:
-            outputs = [
-                PromptOutput(
-                    logits=np.concatenate([p[0] for p in ps]),
-                    hidden=np.concatenate([p[1] for p in ps]),
-                    k=np.concatenate([p[2] for p in ps], 1),
-                    v=np.concatenate([p[3] for p in ps], 1),
-                )
-                for ps in parts
-            ]
-        return Prefill(last_logits=last_logits, outputs=outputs)
+                parts[b].append((logits[b, m], hidden[b, m], k[:, b, m], v[:, b, m]))
+        return [
+            PromptOutput(
+                logits=np.concatenate([p[0] for p in ps]),
+                hidden=np.concatenate([p[1] for p in ps]),
+                k=np.concatenate([p[2] for p in ps], 1),
+                v=np.concatenate([p[3] for p in ps], 1),
+            )
+            for ps in parts
+        ]
 
     # ------------------------------------------------------------------ generation
 
