@@ -219,7 +219,7 @@ def embeddings(args, texts: list[str]) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp, LiveServer(args.base, max_batch=1) as srv:
-        if grc(["export", args.base, "--out", f"{tmp}/hf"]) != 0:
+        if grc(["export", "--ckpt", args.base, "--out", f"{tmp}/hf"]) != 0:
             raise RuntimeError("grc export failed")
         model = transformers.AutoModel.from_pretrained(f"{tmp}/hf", attn_implementation="eager")
         model.eval()

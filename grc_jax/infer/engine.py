@@ -38,14 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax.core.batch import ROW_FIELDS, Rows
 from grc_jax.core.config import Config
 from grc_jax.core.constants import check_memory_reads
 from grc_jax.core.errors import MemoryMismatchError, UsageError
 from grc_jax.core.roles import LATENT, TEXT
-from grc_jax.data.layout import gen, latents, one_per_row, text
+from grc_jax.data.layout import gen, latents, text
 from grc_jax.data.tokenizer import Tokenizer
 from grc_jax.infer.cache import PagePool, block_table, empty_cache
+from grc_jax.infer.encode_batches import gather_slots, packed_batches, row_batches
 from grc_jax.infer.memory import LatentMemory, model_fingerprint
 from grc_jax.infer.memory_pool import MemoryPool
 from grc_jax.infer.paged import StepInputs, decode_attention_args, paged_forward
@@ -58,19 +58,6 @@ from grc_jax.model.rope import inverse_frequencies, rotate
 from pallas_kernels.hybrid_paged_attention import IMPLEMENTATIONS, resolve_impl, usable_impl
 
 GREEDY = SamplingParams()
-ENCODE_BATCH = 64  # rows per embedding / compression pass
-
-
-def _length_bucket(n: int) -> int:
-    """Padded row length for `n` tokens: a multiple of 16 up to 128, of 64 up to 512, then of
-    256 (at most a few dozen distinct lengths to compile, padding under 50%)."""
-    step = 16 if n <= 128 else 64 if n <= 512 else 256
-    return max(step, -(-n // step) * step)
-
-
-def _example_length(example: list) -> int:
-    """Tokens of a one-block example (its spans)."""
-    return sum(len(span.tokens) for span in example[0])
 
 
 def _preview(s: str, n: int = 24) -> str:
@@ -205,15 +192,21 @@ class Engine:
         self._gen_step = jax.jit(generation_step, donate_argnums=(1,))
         self._sample = jax.jit(sample_rows)
 
-        def encode(p, rows, return_kv):
-            """Embedding / compression pass: no LM head; pooled latents `[b, d]` (+ k / v)."""
-            out = forward(p, m, cfg.grc, rows, return_kv=return_kv, with_logits=False)
-            pooled = pool_latents(
-                out.hidden, rows.segment_ids, rows.block_ids, rows.roles, 1, cfg.grc.pooling
-            )
-            return out.kv, pooled[:, 0]
+        # On a CPU the head-major attention layout is the faster one for these passes (the same
+        # math, to float rounding: `dot_product_attention`); elsewhere the configured one.
+        on_cpu = device.platform == "cpu"
+        enc_model = dataclasses.replace(m, attention_layout="head_major") if on_cpu else m
 
-        self._encode = jax.jit(encode, static_argnums=2)
+        def encode(p, rows, return_kv, slots):
+            """Embedding / compression pass: no LM head; the pooled latents of each example
+            `[b, slots, d]` (segment s + 1 of a row is slot s) (+ k / v)."""
+            out = forward(p, enc_model, cfg.grc, rows, return_kv=return_kv, with_logits=False)
+            pooled = pool_latents(
+                out.hidden, rows.segment_ids, rows.block_ids, rows.roles, slots, cfg.grc.pooling
+            )
+            return out.kv, pooled
+
+        self._encode = jax.jit(encode, static_argnums=(2, 3))
 
     def _checked_attention_impl(self) -> str:
         """`opts.attention_impl`, or "reference" if the decode kernel it selects on this backend
@@ -277,24 +270,6 @@ class Engine:
                 f"{len(d)} tokens (with bos){extra} + {self.K} latents",
             )
 
-    def _encoded(self, examples: list, return_kv: bool) -> Iterator[tuple]:
-        """Embedding / compression passes over `examples` (one row each), shortest first, in
-        batches of up to `ENCODE_BATCH` rows padded to a small bucket of rows and of tokens (few
-        shapes to compile, little padding); yields `(indices, rows, kv, embeddings)` per batch."""
-        order = sorted(range(len(examples)), key=lambda i: _example_length(examples[i]))
-        for i in range(0, len(order), ENCODE_BATCH):
-            idx = order[i : i + ENCODE_BATCH]
-            part = [examples[j] for j in idx]
-            n_rows = 1 << (len(part) - 1).bit_length()  # rows: a power of two
-            part += part[:1] * (n_rows - len(part))
-            rows = one_per_row(part, self.K, self.cfg.grc.memory_mode, bucket=1)
-            t = _length_bucket(rows.tokens.shape[1])
-            rows = Rows(**{k: np.pad(getattr(rows, k), ((0, 0), (0, t - rows.tokens.shape[1])))
-                           for k in ROW_FIELDS})  # fmt: skip
-            kv, pooled = self._encode(self.model_params, rows, return_kv)
-            emb = np.asarray(embed_from_pooled(self.head, pooled))[: len(idx)]
-            yield idx, rows, kv, emb
-
     def embed(
         self, texts: list[str], self_reason: bool = False, max_reasoning: int = 32
     ) -> np.ndarray:
@@ -316,8 +291,9 @@ class Engine:
             for p, r in zip(prompts, reasoning)
         ]
         out = np.zeros((len(texts), self._embedding_dim()), np.float32)
-        for idx, _, _, emb in self._encoded(examples, return_kv=False):
-            out[idx] = emb
+        for idx, at, rows, slots in packed_batches(examples, self.K, self.cfg.grc.memory_mode):
+            _, pooled = self._encode(self.model_params, rows, False, slots)
+            out[idx] = gather_slots(embed_from_pooled(self.head, pooled), at)
         return out
 
     def compress(self, texts: list[str]) -> list[tuple[LatentMemory, np.ndarray]]:
@@ -328,7 +304,11 @@ class Engine:
         self._check_compression("compress", all_docs, texts)
         results: list[Any] = [None] * len(texts)
         examples = [[[text(d), latents(self.K)]] for d in all_docs]
-        for idx, rows, kv, emb in self._encoded(examples, return_kv=True):
+        lengths = [len(d) + self.K for d in all_docs]
+        mode = self.cfg.grc.memory_mode
+        for idx, rows in row_batches(examples, range(len(examples)), lengths, self.K, mode):
+            kv, pooled = self._encode(self.model_params, rows, True, 1)
+            emb = np.asarray(embed_from_pooled(self.head, pooled[:, 0]))
             k_all, v_all = (np.asarray(a) for a in kv)  # [L, b, t, G, D]
             for j, i in enumerate(idx):
                 lat = np.where(rows.roles[j] == LATENT)[0]

@@ -35,15 +35,16 @@ def sample(
     """Next token ids `[b]`; all filters are traced values, so one compile serves every setting."""
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
+    order = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending; the one sort of the vocabulary
     v = logits.shape[-1]
     kth = jnp.take(order, jnp.clip(top_k - 1, 0, v - 1), axis=-1)[:, None]
-    scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
+    cut = top_k > 0
+    scaled = jnp.where(cut & (scaled < kth), -jnp.inf, scaled)
+    order = jnp.where(cut & (order < kth), -jnp.inf, order)  # the filtered values, still sorted
     # Nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p.
-    probs = jax.nn.softmax(jnp.sort(scaled, axis=-1)[:, ::-1], axis=-1)
+    probs = jax.nn.softmax(order, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
-    keep_sorted = before < top_p
-    cutoff = jnp.min(jnp.where(keep_sorted, jnp.sort(scaled, axis=-1)[:, ::-1], jnp.inf), -1)
+    cutoff = jnp.min(jnp.where(before < top_p, order, jnp.inf), -1)
     scaled = jnp.where(scaled < cutoff[:, None], -jnp.inf, scaled)
     drawn = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
@@ -58,10 +59,18 @@ def sample_rows(
     top_p: Array,
 ) -> Array:
     """`sample` with per-row settings `[b]`: row i draws its `counts[i]`-th token from the stream
-    `fold_in(key(seeds[i]), counts[i])`, so what a request draws does not depend on its batch."""
+    `fold_in(key(seeds[i]), counts[i])`, so what a request draws does not depend on its batch.
+    A batch that is all greedy takes the argmax only (no sort of the vocabulary: on a CPU that
+    sort costs more than a decode step of a small model)."""
 
     def one(row, seed, n, t, k, p):
         key = jax.random.fold_in(jax.random.key(seed), n)
         return sample(row[None], key, t, k, p)[0]
 
-    return jax.vmap(one)(logits, seeds, counts, temperature, top_k, top_p)
+    def drawn():
+        return jax.vmap(one)(logits, seeds, counts, temperature, top_k, top_p)
+
+    def greedy():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature > 0), drawn, greedy)

@@ -8,17 +8,23 @@ The engine's batch has `max_batch` slots. Each `step()`:
    each one's prompt + `max_new_tokens` (`policy="static"` admits only into an empty batch: a
    whole batch runs to its end before the next starts, the behaviour of `Engine.generate`'s
    turns of `max_batch`);
-3. runs one fixed-shape program: a prefill chunk (`prefill_chunk` prompt tokens for every slot
-   still reading its prompt) or a decode step (one token for every slot that is generating),
-   alternating when both kinds wait, so a long prompt never stalls the slots that generate;
+3. runs one fixed-shape program: a prefill chunk (`prefill_chunk` prompt tokens for each of the
+   jobs still reading their prompts, in a batch of `prefill_rows` rows: the fewest that hold
+   them, or fewer rows and the rest next time when that would leave over a quarter empty) or a
+   decode step (one token for every slot that is generating), alternating when both kinds wait,
+   so a long prompt never stalls the slots that generate;
 4. samples the next token of every slot whose prompt (or last token) was just read, each job with
    its own seeded stream (`fold_in(key(seed), n)` for its n-th token: a job's tokens do not depend
    on what else runs), and finishes jobs on a stop token or at `max_new_tokens`.
 
-There are exactly two programs (chunk of `prefill_chunk` tokens, chunk of 1), whatever the
-requests, and a row's arithmetic does not depend on the other rows: a request gives the same
-tokens alone or in any company. All of it runs on one thread (the engine's); callers on other
-threads hand work to that thread (see `grc_jax.serve.worker`).
+The programs are fixed whatever the requests (`programs(engine)`: a decode step of `max_batch`
+rows, and a prefill chunk of each row count in `prefill_rows(max_batch)`, the powers of two up to
+`max_batch`; `warm_up` compiles them all), and a row's arithmetic does not depend on the other
+rows: a request gives the same tokens alone or in any company (its logits to fp32 rounding: its
+prompt may be read by a prefill program of another row count). Prefill is sized to the jobs that
+prefill because its cost grows with its rows: a request that arrives alone is read in a
+`[1, chunk]` program, not in a full-batch one. All of it runs on one thread (the engine's);
+callers on other threads hand work to that thread (see `grc_jax.serve.worker`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,41 @@ POLICIES = ("continuous", "static")
 
 class QueueFullError(UserError, RuntimeError):
     """More requests wait than the scheduler's bound allows (the server answers 503)."""
+
+
+def prefill_rows(max_batch: int) -> tuple[int, ...]:
+    """Row counts of the prefill programs: the powers of two below `max_batch`, and `max_batch`."""
+    rows = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return (*rows, max_batch)
+
+
+def _rows_for(n: int, sizes: tuple[int, ...]) -> int:
+    """Rows of the prefill program for `n` jobs: the smallest size that holds them all unless it
+    would be over a quarter empty, then the largest that they fill (the rest wait a turn)."""
+    above = min((r for r in sizes if r >= n), default=sizes[-1])
+    below = max(r for r in sizes if r <= n)
+    return above if 4 * min(n, above) >= 3 * above else below
+
+
+def programs(engine: Any) -> list[tuple[int, int]]:
+    """(rows, tokens per row) of every program the scheduler runs on `engine`."""
+    o = engine.opts
+    return [(r, o.prefill_chunk) for r in prefill_rows(o.max_batch)] + [(o.max_batch, 1)]
+
+
+def warm_up(engine: Any) -> None:
+    """Compile every generation and sampling program (`programs`) by running each on empty rows
+    (they write nothing: no text index is valid), so no request waits for a compilation."""
+    for rows, c in programs(engine):
+        z = np.zeros(rows, np.int32)
+        logits = engine.generation_step(
+            np.zeros((rows, c), np.int32), np.zeros((rows, c), np.int32),
+            np.full((rows, c), -1, np.int32), z, z,
+            block_tables=np.zeros((rows, engine.table_width), np.int32),
+            mem_tables=np.zeros((rows, engine.opts.max_memories), np.int32), mem_counts=z,
+            starts=z,
+        )  # fmt: skip
+        engine.sample_rows(logits, z, z, np.zeros(rows, np.float32), z, np.ones(rows, np.float32))
 
 
 @dataclasses.dataclass(eq=False)
@@ -181,8 +222,8 @@ class Scheduler:
 
     def finish_cancelled(self) -> None:
         for j in [j for j in self.waiting if j.cancelled]:
-            self.waiting.remove(j)
             self._finish(j, "cancelled")
+            self.waiting.remove(j)  # after its memory reads are released (see `_finish`)
         for j in self.slots:
             if j is not None and j.cancelled:
                 self._finish(j, "cancelled")
@@ -208,38 +249,41 @@ class Scheduler:
             self.slots[j.slot] = j
             self.peak_running = max(self.peak_running, self.running)
 
-    def _inputs(self) -> dict[str, np.ndarray]:
-        """Per-slot tables of the fixed batch (empty slots: zeros)."""
-        opts, B = self.engine.opts, self.engine.opts.max_batch
+    def _inputs(self, rows: list[Job | None]) -> dict[str, np.ndarray]:
+        """Tables of a program whose row r runs `rows[r]` (None: an empty row, zeros)."""
+        opts, B = self.engine.opts, len(rows)
         tables = np.zeros((B, self.engine.table_width), np.int32)
         mem_tables = np.zeros((B, opts.max_memories), np.int32)
         mem_counts = np.zeros(B, np.int32)
         starts = np.zeros(B, np.int32)
-        for j in self.slots:
+        for r, j in enumerate(rows):
             if j is not None:
-                tables[j.slot] = block_table(j.pages, self.engine.table_width)
-                mem_tables[j.slot, : len(j.mem_slots)] = j.mem_slots
-                mem_counts[j.slot] = len(j.mem_slots)
-                starts[j.slot] = j.start
+                tables[r] = block_table(j.pages, self.engine.table_width)
+                mem_tables[r, : len(j.mem_slots)] = j.mem_slots
+                mem_counts[r] = len(j.mem_slots)
+                starts[r] = j.start
         return dict(block_tables=tables, mem_tables=mem_tables, mem_counts=mem_counts,
                     starts=starts)  # fmt: skip
 
     def _prefill(self, jobs: list[Job]) -> None:
-        B, c = self.engine.opts.max_batch, self.engine.opts.prefill_chunk
-        tok, idx = np.zeros((B, c), np.int32), np.full((B, c), -1, np.int32)
-        lengths, last = np.zeros(B, np.int32), np.zeros(B, np.int32)
-        for j in jobs:
+        c = self.engine.opts.prefill_chunk
+        rows = _rows_for(len(jobs), prefill_rows(self.engine.opts.max_batch))
+        jobs = sorted(jobs, key=lambda j: j.submitted_at)[:rows]  # first come first read
+        tok, idx = np.zeros((rows, c), np.int32), np.full((rows, c), -1, np.int32)
+        lengths, last = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        for r, j in enumerate(jobs):
             seg = j.prompt[j.written : j.written + c]
             n = len(seg)
-            tok[j.slot, :n] = seg
-            idx[j.slot, :n] = np.arange(j.written, j.written + n)
-            lengths[j.slot], last[j.slot] = j.written + n, n - 1
+            tok[r, :n] = seg
+            idx[r, :n] = np.arange(j.written, j.written + n)
+            lengths[r], last[r] = j.written + n, n - 1
+        tables = self._inputs([*jobs, *[None] * (rows - len(jobs))])
         logits = self.engine.generation_step(tok, np.where(idx >= 0, TEXT, 0), idx, lengths, last,
-                                             **self._inputs())  # fmt: skip
+                                             **tables)  # fmt: skip
         self.steps["prefill"] += 1
-        for j in jobs:
-            j.written = int(lengths[j.slot])
-        self._sample([j for j in jobs if j.written == len(j.prompt)], logits)
+        for r, j in enumerate(jobs):
+            j.written = int(lengths[r])
+        self._sample([(j, r) for r, j in enumerate(jobs) if j.written == len(j.prompt)], logits)
 
     def _decode(self, jobs: list[Job]) -> None:
         B = self.engine.opts.max_batch
@@ -248,32 +292,33 @@ class Scheduler:
         for j in jobs:
             tok[j.slot, 0], idx[j.slot, 0] = j.pending, j.written
             lengths[j.slot] = j.written + 1
+        tables = self._inputs(self.slots)
         logits = self.engine.generation_step(tok, np.where(idx >= 0, TEXT, 0), idx, lengths,
-                                             np.zeros(B, np.int32), **self._inputs())  # fmt: skip
+                                             np.zeros(B, np.int32), **tables)  # fmt: skip
         self.steps["decode"] += 1
         for j in jobs:
             j.written += 1
-        self._sample(jobs, logits)
+        self._sample([(j, j.slot) for j in jobs], logits)
 
-    def _sample(self, jobs: list[Job], logits: Any) -> None:
-        """The next token of each of `jobs` from its row of `logits` (`[max_batch, V]`)."""
-        if not jobs:
+    def _sample(self, rows: list[tuple[Job, int]], logits: Any) -> None:
+        """The next token of each (job, row) of `rows` from that row of `logits` (`[b, V]`)."""
+        if not rows:
             return
-        B = self.engine.opts.max_batch
+        B = logits.shape[0]
         seeds, counts = np.zeros(B, np.int32), np.zeros(B, np.int32)
         temp, top_p = np.zeros(B, np.float32), np.ones(B, np.float32)
         top_k = np.zeros(B, np.int32)
-        for j in jobs:
+        for j, r in rows:
             s = j.sampling
-            seeds[j.slot], counts[j.slot] = s.seed % 2**31, len(j.tokens)  # tokens drawn so far
-            temp[j.slot], top_k[j.slot], top_p[j.slot] = s.temperature, s.top_k, s.top_p
+            seeds[r], counts[r] = s.seed % 2**31, len(j.tokens)  # tokens drawn so far
+            temp[r], top_k[r], top_p[r] = s.temperature, s.top_k, s.top_p
         nxt = self.engine.sample_rows(logits, seeds, counts, temp, top_k, top_p)
-        host = np.asarray(logits) if any(j.return_logits for j in jobs) else None
+        host = np.asarray(logits) if any(j.return_logits for j, _ in rows) else None
         now = time.perf_counter()
-        for j in jobs:
-            t = int(nxt[j.slot])
+        for j, r in rows:
+            t = int(nxt[r])
             if j.return_logits:
-                j.step_logits.append(host[j.slot].copy())
+                j.step_logits.append(host[r].copy())
             if j.first_token_at is None:
                 j.first_token_at = now
             if t in j.stop_tokens:
@@ -294,13 +339,14 @@ class Scheduler:
             job.on_token(job, token)
 
     def _finish(self, job: Job, reason: str) -> None:
-        """Free the job's pages and memory reads at once; then tell its owner."""
+        """Free the job's pages and memory reads at once; then tell its owner. The slot is
+        emptied last: another thread that sees the scheduler idle sees everything freed."""
+        self.engine.free_pages(job.pages)
+        self.engine.memories.release(list(job.memory_keys))
+        job.pages, job.mem_slots = [], []
         if job.slot is not None:
             self.slots[job.slot] = None
-            self.engine.free_pages(job.pages)
-            job.slot, job.pages = None, []
-        self.engine.memories.release(list(job.memory_keys))
-        job.mem_slots = []
+            job.slot = None
         job.finish_reason = reason
         job.finished_at = time.perf_counter()
         if job.on_finish is not None:

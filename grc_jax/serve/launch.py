@@ -10,6 +10,7 @@ from grc_jax.convert.adapter import load_any
 from grc_jax.core.errors import UsageError
 from grc_jax.infer.engine import Engine, EngineOptions
 from grc_jax.infer.index import check_index, load_index
+from grc_jax.infer.scheduler import warm_up
 from grc_jax.serve.app import create_app
 from grc_jax.serve.worker import EngineWorker
 
@@ -45,7 +46,7 @@ class ServeOptions:
 
 
 def build_server(opts: ServeOptions) -> tuple[Any, EngineWorker, str]:
-    """(ASGI app, engine worker, served model name): the model loaded, both generation programs
+    """(ASGI app, engine worker, served model name): the model loaded, every generation program
     compiled (not on the first request), the engine's thread started."""
     index = load_index(opts.index) if opts.index else None
     cfg, params, tok = load_any(opts.model, opts.step)
@@ -58,7 +59,7 @@ def build_server(opts: ServeOptions) -> tuple[Any, EngineWorker, str]:
     ))  # fmt: skip
     if index is not None:
         check_index(engine, index)
-    engine.generate_ids([[tok.bos_id]], max_new_tokens=2, stop_tokens=())  # compile both
+    warm_up(engine)
     worker = EngineWorker(engine, policy=opts.policy, max_queue=opts.max_queue).start()
     name = opts.served_model_name or Path(opts.model).resolve().name
     return create_app(worker, name, index), worker, name

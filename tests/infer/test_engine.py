@@ -16,6 +16,7 @@ from grc_jax.core.roles import LATENT
 from grc_jax.data.layout import gen, latents, text
 from grc_jax.infer.engine import Engine
 from grc_jax.infer.sampling import SamplingParams
+from grc_jax.infer.scheduler import programs, warm_up
 from grc_jax.model.head import embed_from_pooled, pool_latents
 from grc_jax.model.rope import inverse_frequencies
 from pallas_kernels.hybrid_paged_attention import rotate
@@ -258,10 +259,12 @@ def test_freed_pages_are_never_read(engine, params, cfg_ind, tok, compressed):
 
 
 def test_no_recompilation_per_token_or_request(engine, tok, compressed):
-    """After one warm-up, generations of other lengths, batch sizes and sampling settings trace
-    and compile nothing; the generation step holds exactly two programs (prefill chunk and
-    decode)."""
-    engine.generate_ids([_ids(tok, "warm up")], max_new_tokens=2, stop_tokens=())
+    """After `warm_up`, generations of other lengths, batch sizes and sampling settings trace
+    and compile nothing; the generation step holds exactly its fixed programs (a prefill chunk per
+    row count, one decode step)."""
+    warm_up(engine)
+    n_programs = engine._gen_step._cache_size()
+    assert n_programs == len(programs(engine))
     # jit(sample) shares its cache with every engine's jit(sample): compare, do not count.
     n_sample = engine._sample._cache_size()
     events: list[str] = []
@@ -287,10 +290,10 @@ def test_no_recompilation_per_token_or_request(engine, tok, compressed):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert events == [], f"recompiled while generating: {events}"
-    # With memories (a different memory table each call) the step still has its two programs.
+    # With memories (a different memory table each call) the step still has its programs.
     mems = [m for m, _ in compressed]
     engine.generate_ids([_ids(tok, "q")] * 2, memories=[mems[:2], mems[2:]], max_new_tokens=3)
-    assert engine._gen_step._cache_size() == 2
+    assert engine._gen_step._cache_size() == n_programs
     assert engine._sample._cache_size() == n_sample
 
 
