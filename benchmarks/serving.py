@@ -15,6 +15,11 @@ through the official `openai` client from one thread per client, every request s
 3. **Embeddings**: `Engine.embed`, `POST /v1/embeddings` and `transformers` (the same model
    exported by `grc export`, `AutoModel`, eager attention, last hidden state, batches of 64,
    torch on the same threads) over the same short texts, interleaved, median of `--repeats`.
+4. **Steps** (`--parts steps`, not in the default set): what each program of the batching
+   servers costs on its own, engine only: the decode step of `--max-batch` rows, the prefill
+   chunk at each row count, and sampling a batch (greedy, and with temperature), median of
+   `--repeats`. They explain the batching figures: a policy changes how many steps run, not
+   what a step costs.
 
 Run from the repository root after `make tune` (the tuned adapter and the base import):
 `python -m benchmarks.serving` (about 20 minutes on 2 CPU cores); `--parts` picks some of the
@@ -211,6 +216,43 @@ def memories_vs_text(args, texts: list[str], questions: list[str]) -> dict[str, 
             "best": best}  # fmt: skip
 
 
+def steps(args) -> dict[str, Any]:
+    from grc_jax.convert.adapter import load_any
+    from grc_jax.infer.engine import Engine, EngineOptions
+    from grc_jax.infer.scheduler import programs, warm_up
+
+    cfg, params, tok = load_any(args.model, None)
+    B = args.max_batch
+    opts = EngineOptions(max_batch=B, max_seq_len=args.max_seq_len, max_memories=8,
+                         n_pages=B * -(-args.max_seq_len // 16) + 1, memory_slots=256)  # fmt: skip
+    e = Engine(cfg, params, tok, opts)
+    t0 = time.perf_counter()
+    warm_up(e)
+    compile_s = time.perf_counter() - t0
+    W = e.table_width
+    pages = np.arange(1, B * W + 1, dtype=np.int32).reshape(B, W)  # every row a full table
+
+    def program(rows: int, c: int):
+        z = np.zeros(rows, np.int32)
+        at = np.tile(np.arange(c, dtype=np.int32) + (args.max_seq_len // 2 if c == 1 else 0),
+                     (rows, 1))  # a decode token halfway through its sequence  # fmt: skip
+        return lambda: np.asarray(e.generation_step(
+            np.ones((rows, c), np.int32), np.ones((rows, c), np.int32), at,
+            at[:, -1] + 1, np.full(rows, c - 1, np.int32), block_tables=pages[:rows],
+            mem_tables=np.zeros((rows, 8), np.int32), mem_counts=z, starts=z,
+        ))  # fmt: skip
+
+    logits = program(B, 1)()
+    z, one = np.zeros(B, np.int32), np.ones(B, np.float32)
+    cands = {f"{'decode' if c == 1 else 'prefill'} [{r}, {c}]": program(r, c)
+             for r, c in programs(e)}  # fmt: skip
+    cands[f"sample [{B}] greedy"] = lambda: e.sample_rows(logits, z, z, 0 * one, z, one)
+    cands[f"sample [{B}] temperature 1"] = lambda: e.sample_rows(logits, z, z, one, z, one)
+    times = interleaved_times(cands, args.repeats, warmup=1)
+    return {"compile_s": compile_s, "seconds": {k: median(v) for k, v in times.items()},
+            "all_times_s": times}  # fmt: skip
+
+
 def embeddings(args, texts: list[str]) -> dict[str, Any]:
     import torch
     import transformers
@@ -268,9 +310,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-clients", type=int, default=16)
     p.add_argument("--memory-repeats", type=int, default=1, choices=(1, 2))
     p.add_argument("--embed-texts", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=2, help="timed rounds of the embedding table")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="timed rounds of the embedding and steps tables")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch threads (this machine's cores)")
-    p.add_argument("--parts", default="batching,memories,embeddings")
+    p.add_argument("--parts", default="batching,memories,embeddings",
+                   help="comma-separated: batching, memories, embeddings, steps")  # fmt: skip
     p.add_argument("--out", default=str(RESULTS_DIR / "serving.json"))
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -291,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["memories"] = memories_vs_text(args, pool, questions)
     if "embeddings" in parts:
         result["embeddings"] = embeddings(args, short)
+    if "steps" in parts:
+        result["steps"] = steps(args)
     result["machine"] = finish_machine(info)
     write_json(args.out, result)
     print_report(result)
@@ -325,6 +371,11 @@ def print_report(result: dict[str, Any]) -> None:
               f"{m['compress_s']:.1f} s (once)")  # fmt: skip
         print(format_table(["document as", "requests", "requests/s", "output tok/s",
                             "TTFT p50 s", "TTFT p99 s"], rows))  # fmt: skip
+    if "steps" in result:
+        st = result["steps"]
+        print(f"\nprograms of one engine (all compiled at start-up: {st['compile_s']:.0f} s)")
+        print(format_table(["program", "ms"],
+                           [[k, f"{1e3 * v:.0f}"] for k, v in st["seconds"].items()]))  # fmt: skip
     if "embeddings" in result:
         e = result["embeddings"]
         base = e["texts_per_s"]["transformers eager"]
