@@ -298,6 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="adapters/smollm2-135m-grc", help="model to serve")
     p.add_argument("--base", default="runs/smollm2-base", help="model of the embedding table")
     p.add_argument("--data", default="data/real/test.jsonl", help="real-text records")
+    p.add_argument("--passages", type=int, default=600, help="distinct passages read from --data")
     p.add_argument("--clients", default="1,4,16,64")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=16)
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     info = machine(command_line("benchmarks.serving", argv))
     parts = set(args.parts.split(","))
-    pool = texts_from(ROOT / args.data, max(args.embed_texts, 600), "passages")
+    pool = texts_from(ROOT / args.data, max(args.embed_texts, args.passages), "passages")
     short = [" ".join(t.split()[:24]) for t in pool[: args.embed_texts]]
     questions = [" ".join(t.split()[:12]) + " ?" for t in pool[-args.questions :]]
     result: dict[str, Any] = {"benchmark": "serving", "model": args.model}
