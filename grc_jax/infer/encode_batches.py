@@ -47,12 +47,11 @@ def _pad_rows(rows: Rows, n_rows: int, length: int) -> Rows:
 
 
 def row_batches(
-    examples: Sequence, indices: Sequence[int], lengths: Sequence[int], num_latents: int,
-    memory_mode: str,
-) -> Iterator[tuple[list[int], Rows]]:  # fmt: skip
+    examples: Sequence, indices: Sequence[int], num_latents: int, memory_mode: str
+) -> Iterator[tuple[list[int], Rows]]:
     """One example per row, shortest first, `ENCODE_BATCH` rows at most: `(indices, rows)`, the
     row `j` holding `examples[indices[j]]` (rows past `len(indices)` are padding)."""
-    order = sorted(indices, key=lambda i: lengths[i])
+    order = sorted(indices, key=lambda i: example_length(examples[i]))
     for i in range(0, len(order), ENCODE_BATCH):
         idx = order[i : i + ENCODE_BATCH]
         rows = one_per_row([examples[j] for j in idx], num_latents, memory_mode, bucket=1)
@@ -84,7 +83,7 @@ def packed_batches(
     a row. Examples of up to `PACK_LEN` tokens are packed, longer ones run one per row."""
     lengths = [example_length(e) for e in examples]
     long = [i for i, n in enumerate(lengths) if n > PACK_LEN]
-    for idx, rows in row_batches(examples, long, lengths, num_latents, memory_mode):
+    for idx, rows in row_batches(examples, long, num_latents, memory_mode):
         yield idx, np.stack([np.arange(len(idx)), np.zeros(len(idx), int)], 1), rows, 1
     slots = PACK_LEN // (num_latents + 2)  # an example is at least bos, a token and its latents
     short = {i: n for i, n in enumerate(lengths) if n <= PACK_LEN}

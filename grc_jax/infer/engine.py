@@ -304,9 +304,8 @@ class Engine:
         self._check_compression("compress", all_docs, texts)
         results: list[Any] = [None] * len(texts)
         examples = [[[text(d), latents(self.K)]] for d in all_docs]
-        lengths = [len(d) + self.K for d in all_docs]
         mode = self.cfg.grc.memory_mode
-        for idx, rows in row_batches(examples, range(len(examples)), lengths, self.K, mode):
+        for idx, rows in row_batches(examples, range(len(examples)), self.K, mode):
             kv, pooled = self._encode(self.model_params, rows, True, 1)
             emb = np.asarray(embed_from_pooled(self.head, pooled[:, 0]))
             k_all, v_all = (np.asarray(a) for a in kv)  # [L, b, t, G, D]
@@ -507,19 +506,6 @@ class Engine:
         if len(memories) != len(prompts):
             raise UsageError(f"{len(prompts)} prompts but {len(memories)} memory lists")
         stop = tuple(stop_tokens) if stop_tokens is not None else (self.tok.eos_id,)
-        for b, (p, m) in enumerate(zip(prompts, memories)):
-            if len(p) == 0:
-                raise UsageError(f"generate: prompt {b} is empty")
-            reads = f"{len(m)} memories x {self.K} latents + " if m else ""
-            self._check_span(
-                len(m) * self.K + len(p) + max_new_tokens, f"generate: prompt {b}",
-                f"{reads}{len(p)} tokens + {max_new_tokens} new tokens",
-            )  # fmt: skip
-            if len(p) + max_new_tokens > self.opts.max_seq_len:
-                raise UsageError(
-                    f"request {b}: {len(p)} prompt + {max_new_tokens} new tokens exceed "
-                    f"max_seq_len={self.opts.max_seq_len}"
-                )
         scheduler = Scheduler(self, policy="static", max_queue=max(1, len(prompts)))
         held: list[str] = []
         jobs = []
@@ -529,7 +515,7 @@ class Engine:
                 jobs.append(scheduler.submit(Job(
                     list(p), max_new_tokens, sampling, stop, tuple(keys), keep_stop,
                     return_logits,
-                )))  # fmt: skip
+                ), what=f"generate: prompt {b}"))  # fmt: skip
             self.memories.release(held)
             held = []
             while not all(j.done for j in jobs):

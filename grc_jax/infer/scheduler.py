@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from grc_jax.core.constants import check_memory_reads
 from grc_jax.core.errors import UsageError, UserError
 from grc_jax.core.roles import TEXT
 from grc_jax.infer.cache import block_table
@@ -153,21 +154,26 @@ class Scheduler:
 
     # ------------------------------------------------------------------ submitting
 
-    def submit(self, job: Job) -> Job:
-        """Queue `job` (validated now: a job that can never run is refused with a `UsageError`;
-        a full queue raises `QueueFullError`). Its memories are read-locked from now on."""
+    def submit(self, job: Job, what: str = "the request") -> Job:
+        """Queue `job` (validated now, `what` naming it in errors: a job that can never run is
+        refused with a `UsageError`, or a `MemoryMismatchError` for more memories than the
+        model's memory mode reads; a full queue raises `QueueFullError`). Its memories are
+        read-locked from now on."""
         e, opts = self.engine, self.engine.opts
         if not job.prompt:
-            raise UsageError("generate: the prompt is empty")
+            raise UsageError(f"{what}: the prompt is empty")
         if not isinstance(job.max_new_tokens, int) or job.max_new_tokens < 0:
             raise UsageError(
                 f"max_new_tokens: expected an integer >= 0, got {job.max_new_tokens!r}"
             )
-        total = len(job.prompt) + job.max_new_tokens
+        m, n, new = len(job.memory_keys), len(job.prompt), job.max_new_tokens
+        reads = f"{m} memories x {e.K} latents + " if m else ""
+        e._check_span(m * e.K + n + new, what, f"{reads}{n} tokens + {new} new tokens")
+        check_memory_reads(e.cfg.grc.memory_mode, m, what)
+        total = n + new
         if total > opts.max_seq_len:
             raise UsageError(
-                f"{len(job.prompt)} prompt + {job.max_new_tokens} new tokens exceed "
-                f"max_seq_len={opts.max_seq_len}"
+                f"{what}: {n} prompt + {new} new tokens exceed max_seq_len={opts.max_seq_len}"
             )
         if e.pool.pages_for(total) > e.pool.n_pages - 1:
             raise UsageError(

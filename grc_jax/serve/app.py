@@ -29,7 +29,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from grc_jax.core.constants import check_memory_reads
 from grc_jax.core.errors import MemoryMismatchError, UserError
 from grc_jax.infer.index import search
 from grc_jax.infer.memory import LatentMemory
@@ -95,13 +94,7 @@ class Server:
                 gone = " (evicted: the memory pool was full; create it again)"
                 raise APIError(404, f"memory {key!r} not found" + (gone if pool.was_evicted(key)
                                else ""), param="memories", code="memory_not_found")  # fmt: skip
-        self.engine._check_span(
-            len(job.memory_keys) * self.engine.K + len(job.prompt) + job.max_new_tokens,
-            "the request", f"{len(job.memory_keys)} memories x {self.engine.K} latents + "
-            f"{len(job.prompt)} prompt tokens + {job.max_new_tokens} new tokens",
-        )  # fmt: skip
-        check_memory_reads(self.engine.cfg.grc.memory_mode, len(job.memory_keys), "this model")
-        return self.sched.submit(job)
+        return self.sched.submit(job)  # checks the positions and memory reads
 
     async def start(self, ids: list[int], new: int, body: Any,
                     keys: list[str] | None = None) -> tuple[Job, asyncio.Queue]:  # fmt: skip
